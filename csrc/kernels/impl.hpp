@@ -1,0 +1,446 @@
+// The kernels, written once against the SIMD vocabulary of simd.hpp and
+// compiled once per instruction set (isa_*.cpp). Everything here lives in the
+// per-ISA namespace PYAD_NS and uses no out-of-line standard-library templates,
+// so no code compiled for a wider ISA can be merged into a narrower one.
+//
+// Semantics are defined by the NumPy reference in pyad/kernels/reference.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#include "parallel.hpp"
+#include "simd.hpp"
+#include "table.hpp"
+
+namespace PYAD_NS {
+
+using pyad::KernelTable;
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Thread-private scratch, 64-byte aligned, freed at scope exit.
+struct Scratch {
+    float* p;
+    explicit Scratch(int64_t n) {
+        p = static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64));
+    }
+    ~Scratch() { std::free(p); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+};
+
+static inline V::reg ld(const float* p) { return V::load(p); }
+static inline V::reg ld(const uint16_t* p) { return V::load_h(p); }
+static inline float tof(float v) { return v; }
+static inline float tof(uint16_t v) { return half_to_float(v); }
+
+// ---------------------------------------------------------------------------
+// Mahalanobis distance with a packed triangular factor (PaDiM, Defard et al.
+// 2020, §3: M(x) = sqrt((x-mu)^T Sigma^-1 (x-mu)); Sigma^-1 = A^T A with A the
+// inverse Cholesky factor, so M(x) = ||A (x-mu)||). Positions are independent;
+// each factor is read once and applied to NB images held in registers.
+// ---------------------------------------------------------------------------
+template <int NB, class T>
+static void tri_apply(const T* a, const float* z, int64_t d, float* acc) {
+    const T* row = a;
+    for (int64_t i = 0; i < d; ++i) {
+        const int64_t len = i + 1;
+        V::reg s0[NB], s1[NB];
+        for (int b = 0; b < NB; ++b) s0[b] = s1[b] = V::zero();
+        int64_t j = 0;
+        for (; j + 2 * V::W <= len; j += 2 * V::W) {
+            V::reg a0 = ld(row + j), a1 = ld(row + j + V::W);
+            for (int b = 0; b < NB; ++b) {
+                s0[b] = V::fma(a0, V::load(z + b * d + j), s0[b]);
+                s1[b] = V::fma(a1, V::load(z + b * d + j + V::W), s1[b]);
+            }
+        }
+        for (; j + V::W <= len; j += V::W) {
+            V::reg a0 = ld(row + j);
+            for (int b = 0; b < NB; ++b) s0[b] = V::fma(a0, V::load(z + b * d + j), s0[b]);
+        }
+        float y[NB];
+        for (int b = 0; b < NB; ++b) y[b] = V::hsum(V::add(s0[b], s1[b]));
+        for (; j < len; ++j) {
+            const float av = tof(row[j]);
+            for (int b = 0; b < NB; ++b) y[b] += av * z[b * d + j];
+        }
+        for (int b = 0; b < NB; ++b) acc[b] += y[b] * y[b];
+        row += len;
+    }
+}
+
+template <class T>
+static void mahalanobis(const float* x, int64_t n, int64_t p, int64_t d, const float* mean,
+                        const T* factor, float* out) {
+    const int64_t tri = d * (d + 1) / 2;
+#pragma omp parallel num_threads(pyad::num_threads())
+    {
+        Scratch z(4 * d);
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < p; ++q) {
+            const T* a = factor + q * tri;
+            const float* mu = mean + q * d;
+            for (int64_t n0 = 0; n0 < n; n0 += 4) {
+                const int nb = static_cast<int>(min64(4, n - n0));
+                for (int b = 0; b < nb; ++b) {
+                    const float* xv = x + ((n0 + b) * p + q) * d;
+                    for (int64_t i = 0; i < d; ++i) z.p[b * d + i] = xv[i] - mu[i];
+                }
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                switch (nb) {
+                    case 4: tri_apply<4>(a, z.p, d, acc); break;
+                    case 3: tri_apply<3>(a, z.p, d, acc); break;
+                    case 2: tri_apply<2>(a, z.p, d, acc); break;
+                    default: tri_apply<1>(a, z.p, d, acc); break;
+                }
+                for (int b = 0; b < nb; ++b) out[(n0 + b) * p + q] = std::sqrt(acc[b]);
+            }
+        }
+    }
+}
+
+static void mahalanobis_f32(const float* x, int64_t n, int64_t p, int64_t d, const float* mean,
+                            const float* factor, float* out) {
+    mahalanobis(x, n, p, d, mean, factor, out);
+}
+static void mahalanobis_f16(const float* x, int64_t n, int64_t p, int64_t d, const float* mean,
+                            const uint16_t* factor, float* out) {
+    mahalanobis(x, n, p, d, mean, factor, out);
+}
+
+// ---------------------------------------------------------------------------
+// Greedy k-center selection (Sener & Savarese 2018; PatchCore, Roth et al.
+// 2022, §3.2): repeatedly take the point farthest from the current selection.
+// One fused pass per iteration updates the minimum distances and finds the
+// next centre; ties go to the lowest index; a selected point is marked with a
+// negative distance so it is never taken again (k = M gives a permutation).
+// ---------------------------------------------------------------------------
+static inline float sqdist(const float* a, const float* c, int64_t d) {
+    V::reg s0 = V::zero(), s1 = V::zero();
+    int64_t j = 0;
+    for (; j + 2 * V::W <= d; j += 2 * V::W) {
+        V::reg t0 = V::sub(V::load(a + j), V::load(c + j));
+        V::reg t1 = V::sub(V::load(a + j + V::W), V::load(c + j + V::W));
+        s0 = V::fma(t0, t0, s0);
+        s1 = V::fma(t1, t1, s1);
+    }
+    for (; j + V::W <= d; j += V::W) {
+        V::reg t0 = V::sub(V::load(a + j), V::load(c + j));
+        s0 = V::fma(t0, t0, s0);
+    }
+    float s = V::hsum(V::add(s0, s1));
+    for (; j < d; ++j) {
+        float t = a[j] - c[j];
+        s += t * t;
+    }
+    return s;
+}
+
+static inline float sqdist(const uint16_t* a, const float* c, int64_t d) {
+    V::reg s0 = V::zero(), s1 = V::zero();
+    int64_t j = 0;
+    for (; j + 2 * V::W <= d; j += 2 * V::W) {
+        V::reg t0 = V::sub(V::load_h(a + j), V::load(c + j));
+        V::reg t1 = V::sub(V::load_h(a + j + V::W), V::load(c + j + V::W));
+        s0 = V::fma(t0, t0, s0);
+        s1 = V::fma(t1, t1, s1);
+    }
+    for (; j + V::W <= d; j += V::W) {
+        V::reg t0 = V::sub(V::load_h(a + j), V::load(c + j));
+        s0 = V::fma(t0, t0, s0);
+    }
+    float s = V::hsum(V::add(s0, s1));
+    for (; j < d; ++j) {
+        float t = half_to_float(a[j]) - c[j];
+        s += t * t;
+    }
+    return s;
+}
+
+static inline int32_t sqdist(const int8_t* a, const int8_t* c, int64_t d) { return sqdist_i8(a, c, d); }
+
+// The centre as the distance function wants it: float for float and half
+// storage, the int8 row itself for int8 storage.
+static inline void load_center(const float* x, int64_t d, float* c) {
+    for (int64_t j = 0; j < d; ++j) c[j] = x[j];
+}
+static inline void load_center(const uint16_t* x, int64_t d, float* c) {
+    for (int64_t j = 0; j < d; ++j) c[j] = half_to_float(x[j]);
+}
+
+template <class T>
+struct CenterOf { using type = float; };
+template <>
+struct CenterOf<int8_t> { using type = int8_t; };
+
+template <class T, class D>
+static void coreset(const T* x, int64_t m, int64_t d, int64_t k, int64_t start, D* mind, int64_t* idx) {
+    // Below ~16k points the per-iteration barrier costs more than it saves.
+    const int nt = static_cast<int>(max64(1, min64(min64(pyad::num_threads(), 256), m / 16384)));
+    int64_t best_idx[256];
+    D best_val[256];
+    int64_t sel = start;
+    if (sel < 0) {  // begin at the farthest point under the given distances
+        D bv = mind[0];
+        sel = 0;
+        for (int64_t i = 1; i < m; ++i)
+            if (mind[i] > bv) { bv = mind[i]; sel = i; }
+    }
+    mind[sel] = D(-1);
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = pyad_thread_num();
+        const int nth = pyad_team_size();
+        const int64_t per = ((m + nth - 1) / nth + 15) / 16 * 16;
+        const int64_t lo = min64(m, t * per), hi = min64(m, lo + per);
+        using C = typename CenterOf<T>::type;
+        Scratch cbuf(d);
+        for (int64_t it = 0; it < k; ++it) {
+            const int64_t s = sel;
+            const C* c;
+            if constexpr (sizeof(C) == 1) {
+                c = reinterpret_cast<const C*>(x + s * d);
+            } else {
+                load_center(x + s * d, d, cbuf.p);
+                c = reinterpret_cast<const C*>(cbuf.p);
+            }
+            D bv = D(-1);
+            int64_t bi = -1;
+            for (int64_t i = lo; i < hi; ++i) {
+                D cur = mind[i];
+                if (cur < D(0)) continue;  // already selected
+                const D dd = static_cast<D>(sqdist(x + i * d, c, d));
+                if (dd < cur) { cur = dd; mind[i] = dd; }
+                if (cur > bv) { bv = cur; bi = i; }
+            }
+            best_val[t] = bv;
+            best_idx[t] = bi;
+#pragma omp barrier
+#pragma omp single
+            {
+                idx[it] = s;
+                D gv = D(-1);
+                int64_t gi = -1;
+                for (int u = 0; u < nth; ++u)  // chunks are ordered: first max = lowest index
+                    if (best_idx[u] >= 0 && best_val[u] > gv) { gv = best_val[u]; gi = best_idx[u]; }
+                if (it + 1 < k) { sel = gi; mind[gi] = D(-1); }
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; ++i)
+        if (mind[i] < D(0)) mind[i] = D(0);
+}
+
+static void coreset_f32(const float* x, int64_t m, int64_t d, int64_t k, int64_t start, float* mind,
+                        int64_t* idx) {
+    coreset(x, m, d, k, start, mind, idx);
+}
+static void coreset_f16(const uint16_t* x, int64_t m, int64_t d, int64_t k, int64_t start,
+                        float* mind, int64_t* idx) {
+    coreset(x, m, d, k, start, mind, idx);
+}
+static void coreset_i8(const int8_t* x, int64_t m, int64_t d, int64_t k, int64_t start,
+                       int32_t* mind, int64_t* idx) {
+    coreset(x, m, d, k, start, mind, idx);
+}
+
+// ---------------------------------------------------------------------------
+// Patch pooling and PatchCore's embedding (Roth et al. 2022, §3.1: local
+// neighbourhood aggregation; seed 003 §3.5.2: pooling variants). Work unit:
+// one output row of one image. The row is built channel-first in scratch
+// (each entry a contiguous run over output columns, so SIMD runs along the
+// row), then written transposed into the channels-last output.
+// ---------------------------------------------------------------------------
+struct Geometry {
+    int64_t c, h, w, ho, wo;
+    int k, s, p;
+};
+
+// Columns [lo, hi) of the output row read input column wo*s + off inside [0, w).
+static inline void valid_cols(const Geometry& g, int64_t off, int64_t* lo, int64_t* hi) {
+    int64_t a = off >= 0 ? 0 : (-off + g.s - 1) / g.s;
+    int64_t b = (g.w - 1 - off) < 0 ? 0 : (g.w - 1 - off) / g.s + 1;
+    *lo = a;
+    *hi = min64(b, g.wo);
+}
+
+static inline void add_run(float* acc, const float* row, int64_t lo, int64_t hi, int64_t off, int s) {
+    if (s == 1) {
+        const float* src = row + off;
+        int64_t j = lo;
+        for (; j + V::W <= hi; j += V::W) V::store(acc + j, V::add(V::load(acc + j), V::load(src + j)));
+        for (; j < hi; ++j) acc[j] += src[j];
+    } else {
+        for (int64_t j = lo; j < hi; ++j) acc[j] += row[j * s + off];
+    }
+}
+
+static inline void max_run(float* acc, const float* row, int64_t lo, int64_t hi, int64_t off, int s) {
+    if (s == 1) {
+        const float* src = row + off;
+        int64_t j = lo;
+        for (; j + V::W <= hi; j += V::W) V::store(acc + j, V::max(V::load(acc + j), V::load(src + j)));
+        for (; j < hi; ++j) acc[j] = acc[j] > src[j] ? acc[j] : src[j];
+    } else {
+        for (int64_t j = lo; j < hi; ++j) {
+            float v = row[j * s + off];
+            acc[j] = acc[j] > v ? acc[j] : v;
+        }
+    }
+}
+
+static inline void scale_run(float* acc, int64_t n, float f) {
+    V::reg vf = V::set1(f);
+    int64_t j = 0;
+    for (; j + V::W <= n; j += V::W) V::store(acc + j, V::mul(V::load(acc + j), vf));
+    for (; j < n; ++j) acc[j] *= f;
+}
+
+// Pooled output row `ho` of one channel plane into acc[0..wo).
+static void pool_row(const float* plane, const Geometry& g, int64_t ho, bool is_max, float* acc) {
+    const float init = is_max ? -std::numeric_limits<float>::infinity() : 0.0f;
+    for (int64_t j = 0; j < g.wo; ++j) acc[j] = init;
+    for (int kh = 0; kh < g.k; ++kh) {
+        const int64_t r = ho * g.s + kh - g.p;
+        if (r < 0 || r >= g.h) continue;  // zero padding: adds nothing / ignored by max
+        const float* row = plane + r * g.w;
+        for (int kw = 0; kw < g.k; ++kw) {
+            const int64_t off = kw - g.p;
+            int64_t lo, hi;
+            valid_cols(g, off, &lo, &hi);
+            if (is_max) max_run(acc, row, lo, hi, off, g.s);
+            else add_run(acc, row, lo, hi, off, g.s);
+        }
+    }
+    if (!is_max) scale_run(acc, g.wo, 1.0f / float(g.k * g.k));  // count_include_pad
+}
+
+// Sum of the unfolded neighbourhood entries f in [f0, f1) (f = c*k*k + kh*k + kw)
+// for output row `ho` into acc[0..wo).
+static void unfold_sum(const float* img, const Geometry& g, int64_t ho, int64_t f0, int64_t f1, float* acc) {
+    const int64_t kk = int64_t(g.k) * g.k;
+    for (int64_t f = f0; f < f1; ++f) {
+        const int64_t c = f / kk, rem = f % kk;
+        const int64_t r = ho * g.s + rem / g.k - g.p;
+        if (r < 0 || r >= g.h) continue;
+        const int64_t off = rem % g.k - g.p;
+        int64_t lo, hi;
+        valid_cols(g, off, &lo, &hi);
+        add_run(acc, img + (c * g.h + r) * g.w, lo, hi, off, g.s);
+    }
+}
+
+// Adaptive average pooling bins (torch adaptive_avg_pool1d): bin i of n over
+// length l covers [floor(i*l/n), ceil((i+1)*l/n)).
+static inline int64_t bin_lo(int64_t i, int64_t l, int64_t n) { return (i * l) / n; }
+static inline int64_t bin_hi(int64_t i, int64_t l, int64_t n) { return ((i + 1) * l + n - 1) / n; }
+
+static void embed(const float* x, int64_t nb, const Geometry& g, int mode, int64_t dout, float* out) {
+    const bool unfold = mode == pyad::kUnfold;
+    const int64_t planes = mode == pyad::kAvgMax ? 2 * g.c : g.c;       // pooled channels
+    const int64_t l = unfold ? g.c * g.k * g.k : planes;                // length binned to dout
+    const bool identity = !unfold && dout == planes;                    // pure pooling
+#pragma omp parallel num_threads(pyad::num_threads())
+    {
+        Scratch rows(identity || unfold ? 0 : planes * g.wo);  // pooled rows of all channels
+        Scratch tmp(dout * g.wo);                              // [dout, wo] before transposing
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t ho = 0; ho < g.ho; ++ho) {
+                const float* img = x + b * g.c * g.h * g.w;
+                if (unfold) {
+                    for (int64_t i = 0; i < dout; ++i) {
+                        const int64_t f0 = bin_lo(i, l, dout), f1 = bin_hi(i, l, dout);
+                        float* acc = tmp.p + i * g.wo;
+                        for (int64_t j = 0; j < g.wo; ++j) acc[j] = 0.0f;
+                        unfold_sum(img, g, ho, f0, f1, acc);
+                        scale_run(acc, g.wo, 1.0f / float(f1 - f0));
+                    }
+                } else {
+                    float* pooled = identity ? tmp.p : rows.p;
+                    for (int64_t c = 0; c < g.c; ++c) {
+                        const float* plane = img + c * g.h * g.w;
+                        if (mode != pyad::kMax) pool_row(plane, g, ho, false, pooled + c * g.wo);
+                        if (mode == pyad::kMax) pool_row(plane, g, ho, true, pooled + c * g.wo);
+                        if (mode == pyad::kAvgMax) pool_row(plane, g, ho, true, pooled + (g.c + c) * g.wo);
+                    }
+                    if (!identity) {
+                        for (int64_t i = 0; i < dout; ++i) {
+                            const int64_t c0 = bin_lo(i, l, dout), c1 = bin_hi(i, l, dout);
+                            float* acc = tmp.p + i * g.wo;
+                            for (int64_t j = 0; j < g.wo; ++j) acc[j] = 0.0f;
+                            for (int64_t c = c0; c < c1; ++c) add_run(acc, pooled + c * g.wo, 0, g.wo, 0, 1);
+                            scale_run(acc, g.wo, 1.0f / float(c1 - c0));
+                        }
+                    }
+                }
+                // transpose [dout, wo] -> out[b, ho, wo, dout]
+                float* dst = out + (b * g.ho + ho) * g.wo * dout;
+                for (int64_t j = 0; j < g.wo; ++j)
+                    for (int64_t i = 0; i < dout; ++i) dst[j * dout + i] = tmp.p[i * g.wo + j];
+            }
+        }
+    }
+}
+
+static Geometry geometry(int64_t c, int64_t h, int64_t w, int k, int s, int p) {
+    Geometry g{c, h, w, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1, k, s, p};
+    return g;
+}
+
+static void patch_pool(const float* x, int64_t b, int64_t c, int64_t h, int64_t w, int k, int s, int p,
+                       int mode, float* out) {
+    Geometry g = geometry(c, h, w, k, s, p);
+    embed(x, b, g, mode, mode == pyad::kAvgMax ? 2 * c : c, out);
+}
+
+static void patch_embed(const float* x, int64_t b, int64_t c, int64_t h, int64_t w, int k, int s, int p,
+                        int mode, int64_t d, float* out) {
+    embed(x, b, geometry(c, h, w, k, s, p), mode, d, out);
+}
+
+static void channel_pool(const float* x, int64_t r, int64_t l, int64_t d, float* out) {
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
+    for (int64_t q = 0; q < r; ++q) {
+        const float* src = x + q * l;
+        float* dst = out + q * d;
+        for (int64_t i = 0; i < d; ++i) {
+            const int64_t a = bin_lo(i, l, d), e = bin_hi(i, l, d);
+            float s = 0.0f;
+            for (int64_t j = a; j < e; ++j) s += src[j];
+            dst[i] = s / float(e - a);
+        }
+    }
+}
+
+static double stream_sum(const float* x, int64_t n) {
+    double total = 0.0;
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static) reduction(+ : total)
+    for (int64_t blk = 0; blk < (n + 4095) / 4096; ++blk) {
+        const int64_t a = blk * 4096, e = min64(n, a + 4096);
+        V::reg s0 = V::zero(), s1 = V::zero();
+        int64_t j = a;
+        for (; j + 2 * V::W <= e; j += 2 * V::W) {
+            s0 = V::add(s0, V::load(x + j));
+            s1 = V::add(s1, V::load(x + j + V::W));
+        }
+        float s = V::hsum(V::add(s0, s1));
+        for (; j < e; ++j) s += x[j];
+        total += s;
+    }
+    return total;
+}
+
+static const KernelTable table = {
+    PYAD_ISA_NAME,
+    mahalanobis_f32, mahalanobis_f16,
+    coreset_f32, coreset_f16, coreset_i8,
+    patch_pool, channel_pool, patch_embed,
+    stream_sum,
+};
+
+}  // namespace PYAD_NS

@@ -1,0 +1,50 @@
+// The kernel function table: one instance per instruction set, filled at
+// start-up by dispatch.cpp. Every entry works on C-contiguous buffers that the
+// Python layer has already validated; none of them touches Python objects.
+#pragma once
+#include <cstdint>
+
+namespace pyad {
+
+// Pooling modes shared by patch_pool and patch_embed.
+enum PoolMode : int { kAvg = 0, kMax = 1, kAvgMax = 2, kUnfold = 3 };
+
+struct KernelTable {
+    const char* isa;
+
+    // out[n, p] = || A_p (x[n, p] - mean[p]) ||_2 with A_p the packed
+    // (row-major lower-triangular, d(d+1)/2 values) factor of the precision.
+    void (*mahalanobis_f32)(const float* x, int64_t n, int64_t p, int64_t d,
+                            const float* mean, const float* factor, float* out);
+    void (*mahalanobis_f16)(const float* x, int64_t n, int64_t p, int64_t d,
+                            const float* mean, const uint16_t* factor, float* out);
+
+    // Greedy k-center selection. mind[m] holds the squared distance of point m
+    // to the selection so far (in/out); start < 0 begins at argmax(mind).
+    void (*coreset_f32)(const float* x, int64_t m, int64_t d, int64_t k,
+                        int64_t start, float* mind, int64_t* idx);
+    void (*coreset_f16)(const uint16_t* x, int64_t m, int64_t d, int64_t k,
+                        int64_t start, float* mind, int64_t* idx);
+    void (*coreset_i8)(const int8_t* x, int64_t m, int64_t d, int64_t k,
+                       int64_t start, int32_t* mind, int64_t* idx);
+
+    // [B, C, H, W] -> [B, Ho, Wo, C] (x2 channels for kAvgMax).
+    void (*patch_pool)(const float* x, int64_t b, int64_t c, int64_t h, int64_t w,
+                       int kernel, int stride, int padding, int mode, float* out);
+    // [R, L] -> [R, D], adaptive average over the last axis.
+    void (*channel_pool)(const float* x, int64_t r, int64_t l, int64_t d, float* out);
+    // [B, C, H, W] -> [B, Ho, Wo, D]: pooling (or the unfold of PatchCore),
+    // channel reduction and the channels-last layout in one pass.
+    void (*patch_embed)(const float* x, int64_t b, int64_t c, int64_t h, int64_t w,
+                        int kernel, int stride, int padding, int mode, int64_t d,
+                        float* out);
+
+    // Sums n floats with all threads: used to measure read bandwidth.
+    double (*stream_sum)(const float* x, int64_t n);
+};
+
+// Number of threads used by every parallel kernel (OMP_NUM_THREADS by default).
+int num_threads();
+void set_num_threads(int n);
+
+}  // namespace pyad

@@ -1,0 +1,10 @@
+// pyad._core: the compiled kernels. One register_* call per binding file.
+#include "bind_common.hpp"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "pyad's compiled kernels (Mahalanobis, greedy coreset, patch pooling)";
+    pyad::register_system(m);
+    pyad::register_mahalanobis(m);
+    pyad::register_coreset(m);
+    pyad::register_pooling(m);
+}

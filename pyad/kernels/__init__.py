@@ -1,0 +1,33 @@
+"""pyad's compute kernels: Mahalanobis scoring, greedy coreset selection and
+patch pooling.
+
+Every kernel exists three times with one signature: compiled C++ (x86
+SSE/AVX2/AVX-512 and ARM NEON, chosen at run time), numba, and the NumPy
+reference in ``reference.py`` that defines it. ``info()`` says which runs;
+``PYAD_BACKEND`` (native|numba|numpy) and ``PYAD_ISA`` override the choice.
+
+Inputs are float32 (other dtypes and layouts are converted; torch CPU tensors
+are used without copies; torch CUDA tensors run on the GPU). Bad arguments
+raise ValueError naming the argument.
+"""
+
+from ._backend import BACKENDS, info, set_backend, use_backend
+from .coreset import greedy_coreset, random_projection
+from .gaussian import GaussianAccumulator, GaussianModel, gaussian_fit, mahalanobis
+from .pooling import channel_pool, patch_embed, patch_pool
+
+__all__ = [
+    "BACKENDS",
+    "GaussianAccumulator",
+    "GaussianModel",
+    "channel_pool",
+    "gaussian_fit",
+    "greedy_coreset",
+    "info",
+    "mahalanobis",
+    "patch_embed",
+    "patch_pool",
+    "random_projection",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,176 @@
+"""Per-position Gaussians and the Mahalanobis distance (PaDiM, Defard et al. 2020, §3;
+seed 003 §2.7).
+
+Fitting is BLAS work (batched outer products, Cholesky) done in NumPy in
+float64, streamed: ``GaussianAccumulator`` holds one batch plus O(P·d²)
+statistics. Scoring is the compiled kernel: the precision is never formed;
+each position stores A = L⁻¹ (Σ = L Lᵀ, so Σ⁻¹ = AᵀA) packed row by row as its
+d(d+1)/2 lower-triangular values, in float32 or float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _backend, _validate
+
+_DTYPES = ("float32", "float16")
+# Positions per chunk when forming d x d matrices: bounds the temporaries.
+_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianModel:
+    """Fitted per-position Gaussians.
+
+    mean:   [P, d] float32, the sample mean.
+    factor: [P, d(d+1)/2] float32 or float16, rows of A = L⁻¹ packed row-major
+            (row i holds A[i, 0..i]), with Σ + eps·I = L Lᵀ.
+    eps:    the regularisation added to each covariance's diagonal.
+    count:  number of images the statistics came from.
+    """
+
+    mean: np.ndarray
+    factor: np.ndarray
+    eps: float
+    count: int
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def positions(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.mean.nbytes + self.factor.nbytes
+
+    def inverse_factor(self) -> np.ndarray:
+        """A as dense [P, d, d] float64 lower-triangular matrices."""
+        d = self.dim
+        rows, cols = np.tril_indices(d)
+        a = np.zeros((self.positions, d, d))
+        a[:, rows, cols] = self.factor
+        return a
+
+    def precision(self) -> np.ndarray:
+        """Σ⁻¹ = AᵀA as dense [P, d, d] float64 (for inspection and interop)."""
+        a = self.inverse_factor()
+        return np.einsum("pki,pkj->pij", a, a)
+
+    def astype(self, dtype: str) -> "GaussianModel":
+        """The same model with the factor stored as ``dtype`` ("float32" or "float16")."""
+        _validate.choice(dtype, "dtype", _DTYPES)
+        return GaussianModel(self.mean, _cast_factor(self.factor, dtype), self.eps, self.count)
+
+
+def _cast_factor(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16" and np.abs(a).max(initial=0.0) > np.finfo(np.float16).max:
+        raise ValueError("dtype: the factor exceeds the float16 range; use dtype='float32' or a larger eps")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class GaussianAccumulator:
+    """Streaming fit: ``update(batch)`` any number of times, then ``finalize()``.
+
+    Uses Chan et al.'s pairwise update of mean and scatter matrix in float64,
+    so the result equals the one-shot sample covariance whatever the batching.
+    """
+
+    def __init__(self, eps: float = 0.01, dtype: str = "float32"):
+        if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+        self.eps = float(eps)
+        self.dtype = _validate.choice(dtype, "dtype", _DTYPES)
+        self.count = 0
+        self._mean: np.ndarray | None = None  # [P, d] float64
+        self._scatter: np.ndarray | None = None  # [P, d(d+1)/2] float64, packed
+
+    def update(self, batch) -> "GaussianAccumulator":
+        """Add ``batch`` [n, P, d] of features (n images, P positions, d channels)."""
+        x = _validate.array(batch, "batch", 3, dtype=np.float64)
+        n, p, d = x.shape
+        if self._mean is None:
+            self._mean = np.zeros((p, d))
+            self._scatter = np.zeros((p, d * (d + 1) // 2))
+        elif self._mean.shape != (p, d):
+            raise ValueError(f"batch: expected [n, {self._mean.shape[0]}, {self._mean.shape[1]}], got {x.shape}")
+        rows, cols = np.tril_indices(d)
+        bmean = x.mean(axis=0)
+        delta = bmean - self._mean
+        total = self.count + n
+        step = max(1, _CHUNK_BYTES // (8 * d * max(d, n)))
+        for q0 in range(0, p, step):
+            q = slice(q0, q0 + step)
+            xc = (x[:, q] - bmean[q]).transpose(1, 0, 2)  # [c, n, d]
+            s = xc.transpose(0, 2, 1) @ xc  # [c, d, d] batch scatter
+            s += np.einsum("pi,pj->pij", delta[q], delta[q]) * (self.count * n / total)
+            self._scatter[q] += s[:, rows, cols]
+        self._mean += delta * (n / total)
+        self.count = total
+        return self
+
+    def finalize(self) -> GaussianModel:
+        """The fitted model: Σ = scatter/(N-1) + eps·I, factor A = L⁻¹."""
+        if self._mean is None or self.count < 2:
+            raise ValueError("features: need at least 2 images to estimate a covariance")
+        p, d = self._mean.shape
+        rows, cols = np.tril_indices(d)
+        factor = np.empty((p, d * (d + 1) // 2), dtype=self.dtype)
+        step = max(1, _CHUNK_BYTES // (8 * d * d))
+        eye = np.eye(d) * self.eps
+        for q0 in range(0, p, step):
+            q = slice(q0, q0 + step)
+            cov = np.zeros((len(self._scatter[q]), d, d))
+            cov[:, rows, cols] = self._scatter[q]
+            cov = cov + np.tril(cov, -1).transpose(0, 2, 1)
+            cov = cov / (self.count - 1) + eye
+            try:
+                chol = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise ValueError("eps: covariance is not positive definite; use eps > 0") from None
+            a = np.linalg.inv(chol)
+            factor[q] = _cast_factor(a[:, rows, cols], self.dtype)
+        return GaussianModel(self._mean.astype(np.float32), factor, self.eps, self.count)
+
+
+def gaussian_fit(features, eps: float = 0.01, dtype: str = "float32") -> GaussianModel:
+    """Fit one Gaussian per position to ``features`` [N, P, d] (N images).
+
+    Covariance is the sample covariance (divide by N-1) plus ``eps``·I, as in
+    PaDiM §3 and its official code. ``dtype="float16"`` halves the factor.
+    """
+    return GaussianAccumulator(eps, dtype).update(features).finalize()
+
+
+def mahalanobis(features, fitted: GaussianModel):
+    """Distances [N, P] float32 of ``features`` [N, P, d] to ``fitted``'s Gaussians.
+
+    NumPy arrays and torch CPU tensors run on the selected backend; torch CUDA
+    tensors run on the GPU (batched GEMM) and return a CUDA tensor.
+    """
+    if not isinstance(fitted, GaussianModel):
+        raise ValueError(f"fitted: expected a GaussianModel, got {type(fitted).__name__}")
+    if _validate.is_cuda(features):
+        from . import _torch
+
+        return _torch.mahalanobis(features, fitted)
+    x = _validate.array(features, "features", 3)
+    if x.shape[1:] != fitted.mean.shape:
+        raise ValueError(f"features: expected [N, {fitted.positions}, {fitted.dim}], got {list(x.shape)}")
+    out = _backend.current().mahalanobis(x, fitted.mean, fitted.factor)
+    return _torch_like(features, out)
+
+
+def _torch_like(template, out: np.ndarray):
+    """Return torch tensors for torch inputs (zero-copy), arrays otherwise."""
+    if _validate.is_torch(template):
+        import torch
+
+        return torch.from_numpy(out)
+    return out

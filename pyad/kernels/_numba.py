@@ -82,7 +82,7 @@ def _coreset(x, k, start, mind, half, load, center, neg, nchunks, idx):  # pragm
                 cur = mind[i]
                 if cur < 0:
                     continue
-                dd = cur - cur
+                dd = neg - neg  # zero of the distance type
                 for j in range(d):
                     u = load(x, i, j, half) - center[j]
                     dd += u * u

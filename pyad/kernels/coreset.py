@@ -91,9 +91,9 @@ def greedy_coreset(
         big = np.iinfo(np.int32).max
         mind = np.full(m, big, np.int32) if init is None else np.minimum(np.rint(init**2 / scale**2), big).astype(np.int32)
     else:
-        xs, scale = (x.astype(np.float16) if storage == "float16" else x), 1.0
         if storage == "float16" and np.abs(x).max() > np.finfo(np.float16).max:
             raise ValueError("features: values exceed the float16 range; use storage='float32'")
+        xs, scale = (x.astype(np.float16) if storage == "float16" else x), 1.0
         mind = np.full(m, np.inf, np.float32) if init is None else (init**2).astype(np.float32)
     idx = _backend.current().greedy_coreset(xs, k, start, mind)
     if not return_distances:

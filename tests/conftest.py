@@ -1,0 +1,43 @@
+import importlib
+
+import numpy as np
+import pytest
+
+from pyad import kernels as K
+
+
+def _backends():
+    """(backend, isa) pairs this machine runs: native at every supported ISA."""
+    out = [("numpy", None), ("numba", None)]
+    try:
+        core = importlib.import_module("pyad._core")
+        out += [("native", isa) for isa in core.supported_isas()]
+    except ImportError:
+        pass
+    return out
+
+
+BACKENDS = _backends()
+FAST = [b for b in BACKENDS if b[0] != "numpy"]
+
+
+def _id(b):
+    return b[0] if b[1] is None else f"{b[0]}-{b[1]}"
+
+
+def pytest_report_header(config):
+    import pyad
+
+    return [f"pyad {pyad.__version__}: {pyad.info()}", "kernel backends under test: " + ", ".join(map(_id, BACKENDS))]
+
+
+@pytest.fixture(params=FAST, ids=_id)
+def backend(request):
+    """Each fast backend (numba, native at every ISA), compared to the NumPy reference."""
+    with K.use_backend(*request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

@@ -1,0 +1,123 @@
+"""Gaussian fit and Mahalanobis scoring against the NumPy reference and an
+independent formulation (inverse covariance, as anomalib computes it)."""
+
+import numpy as np
+import pytest
+
+from pyad import kernels as K
+from pyad.kernels import reference
+
+
+def correlated(rng, n, p, d):
+    """Features with strongly correlated channels, like CNN activations."""
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    base = rng.standard_normal((n, p, d)) @ mix + 0.3 * rng.standard_normal((n, p, d))
+    return (base + rng.standard_normal((1, p, d))).astype(np.float32)
+
+
+def inverse_covariance_distance(train, test, eps):
+    """sqrt(zᵀ Σ⁻¹ z) with Σ the sample covariance + eps·I, per position (float64)."""
+    n, p, d = train.shape
+    out = np.empty(test.shape[:2])
+    for q in range(p):
+        cov = np.cov(train[:, q].astype(np.float64), rowvar=False, ddof=1).reshape(d, d) + eps * np.eye(d)
+        z = test[:, q] - train[:, q].astype(np.float64).mean(0)
+        out[:, q] = np.sqrt(np.einsum("ni,ij,nj->n", z, np.linalg.inv(cov), z))
+    return out
+
+
+@pytest.mark.parametrize("p,d", [(1, 1), (3, 5), (7, 17), (2, 33)])
+def test_fit_matches_sample_covariance(rng, p, d):
+    x = correlated(rng, 20, p, d)
+    model = K.gaussian_fit(x, eps=0.05)
+    np.testing.assert_allclose(model.mean, x.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    for q in range(p):
+        cov = np.cov(x[:, q].astype(np.float64), rowvar=False).reshape(d, d) + 0.05 * np.eye(d)
+        np.testing.assert_allclose(model.precision()[q], np.linalg.inv(cov), rtol=1e-4, atol=1e-4)
+    assert model.factor.shape == (p, d * (d + 1) // 2)
+    assert model.count == 20
+
+
+def test_streaming_equals_one_shot(rng):
+    x = correlated(rng, 23, 9, 12)
+    one = K.gaussian_fit(x)
+    acc = K.GaussianAccumulator()
+    for lo, hi in [(0, 1), (1, 4), (4, 15), (15, 23)]:
+        acc.update(x[lo:hi])
+    streamed = acc.finalize()
+    np.testing.assert_allclose(streamed.mean, one.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(streamed.factor, one.factor, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,p,d", [(1, 1, 1), (1, 5, 3), (5, 3, 17), (6, 4, 40), (9, 2, 100)])
+def test_mahalanobis_matches_reference(backend, rng, n, p, d):
+    train = correlated(rng, 3 * d + 5, p, d)
+    test = correlated(rng, n, p, d)
+    model = K.gaussian_fit(train, eps=0.01)
+    got = K.mahalanobis(test, model)
+    assert got.dtype == np.float32 and got.shape == (n, p)
+    want = reference.mahalanobis(test, model.mean, model.factor)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(got, inverse_covariance_distance(train, test, 0.01), rtol=1e-3)
+
+
+def test_float16_factor_within_1e3(backend, rng):
+    train = correlated(rng, 200, 6, 100)
+    test = correlated(rng, 5, 6, 100) + rng.standard_normal((5, 6, 100)).astype(np.float32)
+    model = K.gaussian_fit(train)
+    half = K.gaussian_fit(train, dtype="float16")
+    assert half.factor.dtype == np.float16 and half.factor.nbytes * 2 == model.factor.nbytes
+    full = K.mahalanobis(test, model)
+    np.testing.assert_allclose(K.mahalanobis(test, half), full, rtol=1e-3)
+    np.testing.assert_allclose(
+        K.mahalanobis(test, half), reference.mahalanobis(test, half.mean, half.factor), rtol=2e-5
+    )
+
+
+def test_layouts_give_equal_results(rng):
+    train = correlated(rng, 30, 4, 6)
+    model = K.gaussian_fit(train)
+    x = correlated(rng, 3, 4, 6)
+    want = K.mahalanobis(x, model)
+    fortran = np.asfortranarray(x)
+    strided = np.concatenate([x, x], axis=2)[:, :, ::2]
+    strided[...] = x
+    for variant in (fortran, strided, x.astype(np.float64)):
+        np.testing.assert_array_equal(K.mahalanobis(variant, model), want)
+
+
+def test_torch_cpu_tensors_pass_through(rng):
+    torch = pytest.importorskip("torch")
+    train = correlated(rng, 30, 4, 6)
+    model = K.gaussian_fit(torch.from_numpy(train))
+    x = correlated(rng, 3, 4, 6)
+    out = K.mahalanobis(torch.from_numpy(x), model)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), K.mahalanobis(x, model))
+
+
+def test_bad_inputs(rng):
+    x = correlated(rng, 10, 4, 6)
+    model = K.gaussian_fit(x)
+    with pytest.raises(ValueError, match="features"):
+        K.mahalanobis(x[0], model)
+    with pytest.raises(ValueError, match="features"):
+        K.mahalanobis(x[:, :3], model)
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        K.mahalanobis(bad, model)
+    with pytest.raises(ValueError, match="fitted"):
+        K.mahalanobis(x, "model")
+    with pytest.raises(ValueError, match="eps"):
+        K.gaussian_fit(x, eps=-1)
+    with pytest.raises(ValueError, match="dtype"):
+        K.gaussian_fit(x, dtype="int8")
+    with pytest.raises(ValueError, match="at least 2"):
+        K.gaussian_fit(x[:1])
+    with pytest.raises(ValueError, match="batch"):
+        K.GaussianAccumulator().update(x).update(x[:, :, :3])
+    with pytest.raises(ValueError, match="batch"):
+        K.gaussian_fit(np.array([["a"]]))
+    with pytest.raises(ValueError, match="positive definite"):
+        K.gaussian_fit(np.zeros((3, 2, 2)), eps=0)

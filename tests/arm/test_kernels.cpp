@@ -1,0 +1,219 @@
+// Kernel tests for aarch64, run under qemu-aarch64 by tests/arm/run.sh.
+// Every kernel runs on the NEON and the scalar tables and is compared to a
+// naive double-precision implementation written here, independent of impl.hpp.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/dispatch.hpp"
+
+using pyad::KernelTable;
+
+static int g_checks = 0, g_failures = 0;
+
+static void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
+                         double rtol, double atol) {
+    ++g_checks;
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (std::fabs(got[i] - want[i]) > atol + rtol * std::fabs(want[i])) {
+            std::printf("FAIL %s at %zu: got %.9g want %.9g\n", what.c_str(), i, got[i], want[i]);
+            ++g_failures;
+            return;
+        }
+    }
+}
+
+// Independent half decoding: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals 2^-14 * m/1024.
+static double half_value(uint16_t h) {
+    int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v = e == 0 ? std::ldexp(m / 1024.0, -14) : std::ldexp(1.0 + m / 1024.0, e - 15);
+    return s ? -v : v;
+}
+
+static void test_mahalanobis(const KernelTable& t, std::mt19937& gen) {
+    std::normal_distribution<float> nd;
+    const int64_t shapes[][3] = {{1, 1, 1}, {1, 3, 5}, {5, 2, 17}, {6, 3, 33}, {2, 2, 100}};
+    for (auto& s : shapes) {
+        const int64_t n = s[0], p = s[1], d = s[2], tri = d * (d + 1) / 2;
+        std::vector<float> x(n * p * d), mean(p * d), f32(p * tri), out(n * p);
+        std::vector<uint16_t> f16(p * tri);
+        for (auto& v : x) v = nd(gen);
+        for (auto& v : mean) v = nd(gen);
+        for (size_t i = 0; i < f16.size(); ++i) {  // moderate finite halves, both signs
+            f16[i] = uint16_t((gen() & 1) << 15 | (10 + gen() % 8) << 10 | (gen() & 1023));
+            f32[i] = float(half_value(f16[i]));
+        }
+        std::vector<double> want(n * p);
+        for (int64_t b = 0; b < n; ++b)
+            for (int64_t q = 0; q < p; ++q) {
+                double acc = 0;
+                for (int64_t i = 0, off = q * tri; i < d; off += ++i) {
+                    double y = 0;
+                    for (int64_t j = 0; j <= i; ++j) y += half_value(f16[off + j]) * (double(x[(b * p + q) * d + j]) - mean[q * d + j]);
+                    acc += y * y;
+                }
+                want[b * p + q] = std::sqrt(acc);
+            }
+        t.mahalanobis_f32(x.data(), n, p, d, mean.data(), f32.data(), out.data());
+        expect_close(std::string(t.isa) + " mahalanobis_f32 d=" + std::to_string(d), out, want, 1e-4, 1e-5);
+        t.mahalanobis_f16(x.data(), n, p, d, mean.data(), f16.data(), out.data());
+        expect_close(std::string(t.isa) + " mahalanobis_f16 d=" + std::to_string(d), out, want, 1e-4, 1e-5);
+    }
+}
+
+static void test_coreset(const KernelTable& t, std::mt19937& gen) {
+    const int64_t shapes[][3] = {{1, 1, 1}, {50, 5, 20}, {300, 17, 300}, {40000, 9, 40}};
+    for (auto& s : shapes) {
+        const int64_t m = s[0], d = s[1], k = s[2];
+        std::vector<float> x(m * d);
+        std::vector<int8_t> xi(m * d);
+        std::vector<uint16_t> xh(m * d);
+        for (int64_t i = 0; i < m * d; ++i) {  // small integers: exact in every precision
+            int v = int(gen() % 7) - 3;
+            x[i] = float(v);
+            xi[i] = int8_t(v);
+            xh[i] = v == 0 ? 0 : uint16_t((v < 0) << 15 | (15 + (std::abs(v) >= 2)) << 10 | (std::abs(v) == 3 ? 512 : 0));
+        }
+        // naive greedy selection in double
+        std::vector<double> mind(m, INFINITY);
+        std::vector<char> taken(m, 0);
+        std::vector<int64_t> want(k);
+        int64_t sel = m / 2;
+        for (int64_t it = 0; it < k; ++it) {
+            want[it] = sel;
+            taken[sel] = 1;
+            for (int64_t i = 0; i < m; ++i) {
+                double acc = 0;
+                for (int64_t j = 0; j < d; ++j) acc += (double(x[i * d + j]) - x[sel * d + j]) * (double(x[i * d + j]) - x[sel * d + j]);
+                mind[i] = std::min(mind[i], acc);
+            }
+            double best = -1;
+            for (int64_t i = 0; i < m; ++i)
+                if (!taken[i] && mind[i] > best) { best = mind[i]; sel = i; }
+        }
+        std::vector<int64_t> idx(k);
+        std::vector<float> mf(m, INFINITY);
+        std::vector<int32_t> mi(m, INT32_MAX);
+        const std::string tag = std::string(t.isa) + " coreset m=" + std::to_string(m);
+        auto check = [&](const char* kind, const std::vector<double>& dist) {
+            ++g_checks;
+            if (idx != want) { std::printf("FAIL %s %s: selection differs\n", tag.c_str(), kind); ++g_failures; }
+            std::vector<float> got(dist.size());
+            expect_close(tag + " " + kind + " distances", got = std::vector<float>(dist.begin(), dist.end()), mind, 0, 0);
+        };
+        t.coreset_f32(x.data(), m, d, k, m / 2, mf.data(), idx.data());
+        check("f32", std::vector<double>(mf.begin(), mf.end()));
+        std::fill(mf.begin(), mf.end(), INFINITY);
+        t.coreset_f16(xh.data(), m, d, k, m / 2, mf.data(), idx.data());
+        check("f16", std::vector<double>(mf.begin(), mf.end()));
+        t.coreset_i8(xi.data(), m, d, k, m / 2, mi.data(), idx.data());
+        check("i8", std::vector<double>(mi.begin(), mi.end()));
+    }
+}
+
+// Naive pooling / embedding in double, straight from the definitions.
+static std::vector<double> naive_embed(const std::vector<float>& x, int64_t b, int64_t c, int64_t h, int64_t w, int k,
+                                       int s, int p, int mode, int64_t dout) {
+    const int64_t ho = (h + 2 * p - k) / s + 1, wo = (w + 2 * p - k) / s + 1;
+    const int64_t planes = mode == pyad::kAvgMax ? 2 * c : c;
+    const int64_t len = mode == pyad::kUnfold ? c * k * k : planes;
+    std::vector<double> out(b * ho * wo * dout), vec(len);
+    auto at = [&](int64_t bb, int64_t cc, int64_t r, int64_t col, bool* ok) {
+        *ok = r >= 0 && r < h && col >= 0 && col < w;
+        return *ok ? double(x[((bb * c + cc) * h + r) * w + col]) : 0.0;
+    };
+    for (int64_t bb = 0; bb < b; ++bb)
+        for (int64_t i = 0; i < ho; ++i)
+            for (int64_t j = 0; j < wo; ++j) {
+                for (int64_t cc = 0; cc < c; ++cc) {
+                    double sum = 0, mx = -INFINITY;
+                    for (int kh = 0; kh < k; ++kh)
+                        for (int kw = 0; kw < k; ++kw) {
+                            bool ok;
+                            double v = at(bb, cc, i * s + kh - p, j * s + kw - p, &ok);
+                            if (mode == pyad::kUnfold) vec[(cc * k + kh) * k + kw] = v;
+                            sum += v;
+                            if (ok) mx = std::max(mx, v);
+                        }
+                    if (mode == pyad::kAvg || mode == pyad::kAvgMax) vec[cc] = sum / (k * k);
+                    if (mode == pyad::kMax) vec[cc] = mx;
+                    if (mode == pyad::kAvgMax) vec[c + cc] = mx;
+                }
+                for (int64_t o = 0; o < dout; ++o) {
+                    int64_t lo = o * len / dout, hi = ((o + 1) * len + dout - 1) / dout;
+                    double acc = 0;
+                    for (int64_t q = lo; q < hi; ++q) acc += vec[q];
+                    out[((bb * ho + i) * wo + j) * dout + o] = acc / double(hi - lo);
+                }
+            }
+    return out;
+}
+
+static void test_pooling(const KernelTable& t, std::mt19937& gen) {
+    std::normal_distribution<float> nd;
+    const int geo[][3] = {{3, 1, 1}, {3, 2, 1}, {5, 1, 2}, {1, 1, 0}, {2, 2, 1}};
+    const int64_t b = 2, c = 10, h = 9, w = 11;
+    std::vector<float> x(b * c * h * w);
+    for (auto& v : x) v = nd(gen);
+    for (auto& g : geo) {
+        const int k = g[0], s = g[1], p = g[2];
+        const int64_t ho = (h + 2 * p - k) / s + 1, wo = (w + 2 * p - k) / s + 1;
+        const std::string tag = std::string(t.isa) + " k" + std::to_string(k) + "s" + std::to_string(s) + "p" + std::to_string(p);
+        for (int mode : {pyad::kAvg, pyad::kMax, pyad::kAvgMax}) {
+            const int64_t cout = mode == pyad::kAvgMax ? 2 * c : c;
+            std::vector<float> out(b * ho * wo * cout);
+            t.patch_pool(x.data(), b, c, h, w, k, s, p, mode, out.data());
+            expect_close(tag + " patch_pool mode " + std::to_string(mode), out, naive_embed(x, b, c, h, w, k, s, p, mode, cout), 1e-5, 1e-6);
+            for (int64_t dout : {int64_t(3), int64_t(7), int64_t(33)}) {
+                std::vector<float> emb(b * ho * wo * dout);
+                t.patch_embed(x.data(), b, c, h, w, k, s, p, mode, dout, emb.data());
+                expect_close(tag + " patch_embed", emb, naive_embed(x, b, c, h, w, k, s, p, mode, dout), 1e-5, 1e-6);
+            }
+        }
+        for (int64_t dout : {int64_t(4), int64_t(45), int64_t(100)}) {  // unfold: C*k*k bins, aligned or not
+            std::vector<float> emb(b * ho * wo * dout);
+            t.patch_embed(x.data(), b, c, h, w, k, s, p, pyad::kUnfold, dout, emb.data());
+            expect_close(tag + " unfold", emb, naive_embed(x, b, c, h, w, k, s, p, pyad::kUnfold, dout), 1e-5, 1e-6);
+        }
+    }
+    for (int64_t l : {1, 7, 100, 4608}) {
+        for (int64_t d : {1, 3, 64, 1024}) {
+            std::vector<float> v(3 * l), out(3 * d);
+            for (auto& e : v) e = nd(gen);
+            std::vector<double> want(3 * d);
+            for (int64_t r = 0; r < 3; ++r)
+                for (int64_t o = 0; o < d; ++o) {
+                    int64_t lo = o * l / d, hi = ((o + 1) * l + d - 1) / d;
+                    double acc = 0;
+                    for (int64_t q = lo; q < hi; ++q) acc += v[r * l + q];
+                    want[r * d + o] = acc / double(hi - lo);
+                }
+            t.channel_pool(v.data(), 3, l, d, out.data());
+            expect_close(std::string(t.isa) + " channel_pool", out, want, 1e-5, 1e-6);
+        }
+    }
+}
+
+int main() {
+    std::printf("compiled ISAs:");
+    for (auto& s : pyad::compiled_isas()) std::printf(" %s", s.c_str());
+    std::printf("\nsupported ISAs:");
+    for (auto& s : pyad::supported_isas()) std::printf(" %s", s.c_str());
+    std::printf("\nthreads: %d\n", pyad::num_threads());
+    for (const char* isa : {"neon", "scalar"}) {
+        pyad::select_isa(isa);
+        const KernelTable& t = pyad::active();
+        std::mt19937 gen(7);
+        const int before = g_checks;
+        test_mahalanobis(t, gen);
+        test_coreset(t, gen);
+        test_pooling(t, gen);
+        std::printf("ran the %s path: %d checks\n", t.isa, g_checks - before);
+    }
+    std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
+    return g_failures == 0 ? 0 : 1;
+}

@@ -49,7 +49,7 @@ def test_streaming_equals_one_shot(rng):
     np.testing.assert_allclose(streamed.factor, one.factor, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,p,d", [(1, 1, 1), (1, 5, 3), (5, 3, 17), (6, 4, 40), (9, 2, 100)])
+@pytest.mark.parametrize("n,p,d", [(1, 1, 1), (1, 5, 3), (5, 3, 17), (6, 4, 40), (9, 2, 100), (33, 3, 20), (70, 2, 9)])
 def test_mahalanobis_matches_reference(backend, rng, n, p, d):
     train = correlated(rng, 3 * d + 5, p, d)
     test = correlated(rng, n, p, d)

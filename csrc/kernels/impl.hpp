@@ -34,17 +34,21 @@ struct Scratch {
 
 static inline V::reg ld(const float* p) { return V::load(p); }
 static inline V::reg ld(const uint16_t* p) { return V::load_h(p); }
-static inline float tof(float v) { return v; }
-static inline float tof(uint16_t v) { return half_to_float(v); }
-
 // ---------------------------------------------------------------------------
 // Mahalanobis distance with a packed triangular factor (PaDiM, Defard et al.
 // 2020, §3: M(x) = sqrt((x-mu)^T Sigma^-1 (x-mu)); Sigma^-1 = A^T A with A the
 // inverse Cholesky factor, so M(x) = ||A (x-mu)||). Positions are independent;
 // each factor is read once and applied to NB images held in registers.
 // ---------------------------------------------------------------------------
+static inline float tof(float v) { return v; }
+static inline float tof(uint16_t v) { return V::cvt_h(v); }
+
+// Few images: one row of A at a time, dotted with up to NB images' z (stride
+// dz >= d + W, zero beyond d). A row's last partial vector is read whole and
+// the extra lanes are zeroed on the z side, so rows need no scalar tail; the
+// over-read stays inside the factor buffer (`avail` values from row start).
 template <int NB, class T>
-static void tri_apply(const T* a, const float* z, int64_t d, float* acc) {
+static void tri_rows(const T* a, int64_t avail, const float* z, int64_t dz, int64_t d, float* acc) {
     const T* row = a;
     for (int64_t i = 0; i < d; ++i) {
         const int64_t len = i + 1;
@@ -54,48 +58,137 @@ static void tri_apply(const T* a, const float* z, int64_t d, float* acc) {
         for (; j + 2 * V::W <= len; j += 2 * V::W) {
             V::reg a0 = ld(row + j), a1 = ld(row + j + V::W);
             for (int b = 0; b < NB; ++b) {
-                s0[b] = V::fma(a0, V::load(z + b * d + j), s0[b]);
-                s1[b] = V::fma(a1, V::load(z + b * d + j + V::W), s1[b]);
+                s0[b] = V::fma(a0, V::load(z + b * dz + j), s0[b]);
+                s1[b] = V::fma(a1, V::load(z + b * dz + j + V::W), s1[b]);
             }
         }
         for (; j + V::W <= len; j += V::W) {
             V::reg a0 = ld(row + j);
-            for (int b = 0; b < NB; ++b) s0[b] = V::fma(a0, V::load(z + b * d + j), s0[b]);
+            for (int b = 0; b < NB; ++b) s0[b] = V::fma(a0, V::load(z + b * dz + j), s0[b]);
+        }
+        const int rem = static_cast<int>(len - j);
+        if (rem > 0 && j + V::W <= avail) {
+            V::reg a0 = ld(row + j);
+            for (int b = 0; b < NB; ++b) s1[b] = V::fma(a0, V::keep_first(V::load(z + b * dz + j), rem), s1[b]);
+            j = len;
         }
         float y[NB];
         for (int b = 0; b < NB; ++b) y[b] = V::hsum(V::add(s0[b], s1[b]));
-        for (; j < len; ++j) {
+        for (; j < len; ++j) {  // only at the very end of the buffer
             const float av = tof(row[j]);
-            for (int b = 0; b < NB; ++b) y[b] += av * z[b * d + j];
+            for (int b = 0; b < NB; ++b) y[b] += av * z[b * dz + j];
         }
         for (int b = 0; b < NB; ++b) acc[b] += y[b] * y[b];
         row += len;
+        avail -= len;
     }
+}
+
+static inline V::reg bcast(const float* p) { return V::set1(*p); }
+static inline V::reg bcast(const uint16_t* p) { return V::set1(V::cvt_h(*p)); }
+
+// Many images: images across SIMD lanes (zt is [d][NV*W], image-minor), one
+// broadcast factor entry feeds NV FMAs, two rows at a time share the z loads,
+// and no horizontal sums are needed. sq[v] gets ||A z||^2 per lane.
+template <int NV, class T>
+static void tri_lanes(const T* a, const float* zt, int64_t d, V::reg* sq) {
+    constexpr int S = NV * V::W;
+    const T* row = a;
+    for (int v = 0; v < NV; ++v) sq[v] = V::zero();
+    int64_t i = 0;
+    for (; i + 1 < d; i += 2) {
+        const T* r1 = row + i + 1;
+        V::reg y0[NV], y1[NV];
+        for (int v = 0; v < NV; ++v) y0[v] = y1[v] = V::zero();
+        for (int64_t j = 0; j <= i; ++j) {
+            const V::reg b0 = bcast(row + j), b1 = bcast(r1 + j);
+            for (int v = 0; v < NV; ++v) {
+                const V::reg zv = V::load(zt + j * S + v * V::W);
+                y0[v] = V::fma(b0, zv, y0[v]);
+                y1[v] = V::fma(b1, zv, y1[v]);
+            }
+        }
+        const V::reg b1 = bcast(r1 + i + 1);
+        for (int v = 0; v < NV; ++v) {
+            y1[v] = V::fma(b1, V::load(zt + (i + 1) * S + v * V::W), y1[v]);
+            sq[v] = V::fma(y0[v], y0[v], sq[v]);
+            sq[v] = V::fma(y1[v], y1[v], sq[v]);
+        }
+        row = r1 + i + 2;
+    }
+    if (i < d) {  // odd d: the last row alone
+        V::reg y0[NV];
+        for (int v = 0; v < NV; ++v) y0[v] = V::zero();
+        for (int64_t j = 0; j <= i; ++j) {
+            const V::reg b0 = bcast(row + j);
+            for (int v = 0; v < NV; ++v) y0[v] = V::fma(b0, V::load(zt + j * S + v * V::W), y0[v]);
+        }
+        for (int v = 0; v < NV; ++v) sq[v] = V::fma(y0[v], y0[v], sq[v]);
+    }
+}
+
+template <int NV, class T>
+static void lanes_block(const float* x, int64_t n0, int nb, int64_t p, int64_t q, int64_t d, const float* mu,
+                        const T* a, float* zt, float* out) {
+    constexpr int S = NV * V::W;
+    // Image-major: each image's row is read once, contiguously (the images are
+    // P*d floats apart, and walking across them per channel thrashes L1 sets).
+    for (int b = 0; b < S; ++b) {
+        if (b < nb) {
+            const float* xv = x + ((n0 + b) * p + q) * d;
+            for (int64_t i = 0; i < d; ++i) zt[i * S + b] = xv[i] - mu[i];
+        } else {
+            for (int64_t i = 0; i < d; ++i) zt[i * S + b] = 0.0f;
+        }
+    }
+    V::reg sq[NV];
+    tri_lanes<NV>(a, zt, d, sq);
+    float lanes[S];
+    for (int v = 0; v < NV; ++v) V::store(lanes + v * V::W, sq[v]);
+    for (int b = 0; b < nb; ++b) out[(n0 + b) * p + q] = std::sqrt(lanes[b]);
 }
 
 template <class T>
 static void mahalanobis(const float* x, int64_t n, int64_t p, int64_t d, const float* mean,
                         const T* factor, float* out) {
     const int64_t tri = d * (d + 1) / 2;
+    const int64_t dz = (d + V::W + 15) / 16 * 16;
+    constexpr int kLanes = 4 * V::W;  // images per lane block
+    const bool lanes = V::W > 1 && n >= V::W;
 #pragma omp parallel num_threads(pyad::num_threads())
     {
-        Scratch z(4 * d);
+        Scratch z(lanes ? d * kLanes : 4 * dz);
+        if (!lanes)
+            for (int64_t i = 0; i < 4 * dz; ++i) z.p[i] = 0.0f;
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < p; ++q) {
             const T* a = factor + q * tri;
+            const int64_t avail = (p - q) * tri;
             const float* mu = mean + q * d;
+            if (lanes) {
+                for (int64_t n0 = 0; n0 < n; n0 += kLanes) {
+                    const int nb = static_cast<int>(min64(kLanes, n - n0));
+                    switch ((nb + V::W - 1) / V::W) {
+                        case 4: lanes_block<4>(x, n0, nb, p, q, d, mu, a, z.p, out); break;
+                        case 3: lanes_block<3>(x, n0, nb, p, q, d, mu, a, z.p, out); break;
+                        case 2: lanes_block<2>(x, n0, nb, p, q, d, mu, a, z.p, out); break;
+                        default: lanes_block<1>(x, n0, nb, p, q, d, mu, a, z.p, out); break;
+                    }
+                }
+                continue;
+            }
             for (int64_t n0 = 0; n0 < n; n0 += 4) {
                 const int nb = static_cast<int>(min64(4, n - n0));
                 for (int b = 0; b < nb; ++b) {
                     const float* xv = x + ((n0 + b) * p + q) * d;
-                    for (int64_t i = 0; i < d; ++i) z.p[b * d + i] = xv[i] - mu[i];
+                    for (int64_t i = 0; i < d; ++i) z.p[b * dz + i] = xv[i] - mu[i];
                 }
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
                 switch (nb) {
-                    case 4: tri_apply<4>(a, z.p, d, acc); break;
-                    case 3: tri_apply<3>(a, z.p, d, acc); break;
-                    case 2: tri_apply<2>(a, z.p, d, acc); break;
-                    default: tri_apply<1>(a, z.p, d, acc); break;
+                    case 4: tri_rows<4>(a, avail, z.p, dz, d, acc); break;
+                    case 3: tri_rows<3>(a, avail, z.p, dz, d, acc); break;
+                    case 2: tri_rows<2>(a, avail, z.p, dz, d, acc); break;
+                    default: tri_rows<1>(a, avail, z.p, dz, d, acc); break;
                 }
                 for (int b = 0; b < nb; ++b) out[(n0 + b) * p + q] = std::sqrt(acc[b]);
             }
@@ -177,12 +270,27 @@ struct CenterOf { using type = float; };
 template <>
 struct CenterOf<int8_t> { using type = int8_t; };
 
+// Pruning (exact): each point remembers the centre it is nearest to (a).
+// When centre c is added, d(x,c) >= d(a,c) - d(x,a), so d(a,c)^2 > 4 d(x,a)^2
+// proves d(x,c) > d(x,a) and the point's row need not be read. The margin
+// covers float rounding (none is needed for int8: exact integers); the tests
+// compare against the brute-force NumPy reference, ties included.
+template <class D>
+static inline bool pruned(D cd2, D cur);
+template <>
+inline bool pruned<float>(float cd2, float cur) { return cd2 > 4.004f * cur; }
+template <>
+inline bool pruned<int32_t>(int32_t cd2, int32_t cur) { return int64_t(cd2) > 4 * int64_t(cur); }
+
 template <class T, class D>
 static void coreset(const T* x, int64_t m, int64_t d, int64_t k, int64_t start, D* mind, int64_t* idx) {
-    // Below ~16k points the per-iteration barrier costs more than it saves.
+    // Below ~16k points the per-iteration barriers cost more than they save.
     const int nt = static_cast<int>(max64(1, min64(min64(pyad::num_threads(), 256), m / 16384)));
     int64_t best_idx[256];
     D best_val[256];
+    int32_t* owner = static_cast<int32_t*>(std::malloc(sizeof(int32_t) * m));  // iteration of nearest centre
+    D* cd2 = static_cast<D*>(std::malloc(sizeof(D) * k));                     // centre-to-new-centre distances
+    for (int64_t i = 0; i < m; ++i) owner[i] = -1;
     int64_t sel = start;
     if (sel < 0) {  // begin at the farthest point under the given distances
         D bv = mind[0];
@@ -208,13 +316,19 @@ static void coreset(const T* x, int64_t m, int64_t d, int64_t k, int64_t start, 
                 load_center(x + s * d, d, cbuf.p);
                 c = reinterpret_cast<const C*>(cbuf.p);
             }
+            for (int64_t j = t; j < it; j += nth) cd2[j] = static_cast<D>(sqdist(x + idx[j] * d, c, d));
+            if (t == 0) idx[it] = s;
+#pragma omp barrier
             D bv = D(-1);
             int64_t bi = -1;
             for (int64_t i = lo; i < hi; ++i) {
                 D cur = mind[i];
                 if (cur < D(0)) continue;  // already selected
-                const D dd = static_cast<D>(sqdist(x + i * d, c, d));
-                if (dd < cur) { cur = dd; mind[i] = dd; }
+                const int32_t a = owner[i];
+                if (a < 0 || !pruned(cd2[a], cur)) {
+                    const D dd = static_cast<D>(sqdist(x + i * d, c, d));
+                    if (dd < cur) { cur = dd; mind[i] = dd; owner[i] = static_cast<int32_t>(it); }
+                }
                 if (cur > bv) { bv = cur; bi = i; }
             }
             best_val[t] = bv;
@@ -222,7 +336,6 @@ static void coreset(const T* x, int64_t m, int64_t d, int64_t k, int64_t start, 
 #pragma omp barrier
 #pragma omp single
             {
-                idx[it] = s;
                 D gv = D(-1);
                 int64_t gi = -1;
                 for (int u = 0; u < nth; ++u)  // chunks are ordered: first max = lowest index
@@ -233,6 +346,8 @@ static void coreset(const T* x, int64_t m, int64_t d, int64_t k, int64_t start, 
     }
     for (int64_t i = 0; i < m; ++i)
         if (mind[i] < D(0)) mind[i] = D(0);
+    std::free(owner);
+    std::free(cd2);
 }
 
 static void coreset_f32(const float* x, int64_t m, int64_t d, int64_t k, int64_t start, float* mind,

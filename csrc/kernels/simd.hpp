@@ -63,6 +63,9 @@ struct V {
     static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
     static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
     static float hmax(reg v) { return _mm512_reduce_max_ps(v); }
+    // Lanes [0, n) of v, zeros elsewhere (0 <= n < W).
+    static reg keep_first(reg v, int n) { return _mm512_maskz_mov_ps(__mmask16((1u << n) - 1), v); }
+    static float cvt_h(uint16_t h) { return _cvtsh_ss(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     __m512i acc = _mm512_setzero_si512();
@@ -104,6 +107,11 @@ struct V {
         s = _mm_max_ss(s, _mm_movehdup_ps(s));
         return _mm_cvtss_f32(s);
     }
+    static reg keep_first(reg v, int n) {
+        __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        return _mm256_and_ps(v, _mm256_castsi256_ps(m));
+    }
+    static float cvt_h(uint16_t h) { return _cvtsh_ss(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     __m256i acc = _mm256_setzero_si256();
@@ -157,6 +165,11 @@ struct V {
         s = _mm_max_ss(s, _mm_movehdup_ps(s));
         return _mm_cvtss_f32(s);
     }
+    static reg keep_first(reg v, int n) {
+        __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3));
+        return _mm_and_ps(v, _mm_castsi128_ps(m));
+    }
+    static float cvt_h(uint16_t h) { return half_to_float(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     __m128i acc = _mm_setzero_si128();
@@ -188,6 +201,16 @@ struct V {
     static reg fma(reg a, reg b, reg c) { return vfmaq_f32(c, a, b); }
     static float hsum(reg v) { return vaddvq_f32(v); }
     static float hmax(reg v) { return vmaxvq_f32(v); }
+    static reg keep_first(reg v, int n) {
+        const uint32_t iota[4] = {0, 1, 2, 3};
+        uint32x4_t m = vcltq_u32(vld1q_u32(iota), vdupq_n_u32(uint32_t(n)));
+        return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), m));
+    }
+    static float cvt_h(uint16_t h) {
+        __fp16 v;
+        std::memcpy(&v, &h, 2);
+        return float(v);
+    }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     int32x4_t acc = vdupq_n_s32(0);
@@ -216,6 +239,8 @@ struct V {
     static reg fma(reg a, reg b, reg c) { return a * b + c; }
     static float hsum(reg v) { return v; }
     static float hmax(reg v) { return v; }
+    static reg keep_first(reg v, int n) { return n > 0 ? v : 0.0f; }
+    static float cvt_h(uint16_t h) { return half_to_float(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     return sqdist_i8_scalar(a, b, n);

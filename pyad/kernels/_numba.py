@@ -33,36 +33,106 @@ def _ld_i8(a, q, i, half):  # pragma: no cover - compiled
     return np.int32(a[q, i])
 
 
-@_pjit
-def _mahalanobis(x, mean, factor, half, load, out):  # pragma: no cover - compiled
-    n, p, d = x.shape
-    for q in numba.prange(p):
-        z = np.empty(d, dtype=np.float32)
+# Reassociation lets LLVM vectorise the row dot products; inputs are finite.
+_fjit = numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+_fsjit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+
+_M15, _S15, _13, _16 = np.uint32(0x7FFF), np.uint32(0x8000), np.uint32(13), np.uint32(16)
+
+
+@_jit
+def _decode_half(h, out):  # pragma: no cover - compiled
+    """float16 bits -> float32 for finite values (numba has no half type):
+    exponent+mantissa shifted into place, rescaled by 2^112, sign copied."""
+    bits = out.view(np.uint32)
+    for j in range(h.size):
+        v = np.uint32(h[j])
+        bits[j] = ((v & _M15) << _13) | ((v & _S15) << _16)
+    for j in range(h.size):
+        out[j] = out[j] * np.float32(5.192296858534828e33)
+
+
+@_fsjit
+def _tri(a, z, sq):  # pragma: no cover - compiled
+    """sq[b] = ||A z_b||² for the packed lower-triangular A (row-major).
+
+    z is [d, n] (images innermost, vectorised across images) when n >= 8,
+    else [n, d] (one contiguous dot product per image and row)."""
+    n = sq.size
+    wide = n >= 8
+    d = z.shape[0] if wide else z.shape[1]
+    y = np.empty(n, dtype=np.float32)
+    off = 0
+    for i in range(d):
+        if wide:
+            y[:] = 0
+            for j in range(i + 1):
+                aij = a[off + j]
+                for b in range(n):
+                    y[b] += aij * z[j, b]
+        else:
+            for b in range(n):
+                acc = np.float32(0)
+                for j in range(i + 1):
+                    acc += a[off + j] * z[b, j]
+                y[b] = acc
+        for b in range(n):
+            sq[b] += y[b] * y[b]
+        off += i + 1
+
+
+@_jit
+def _center(x, mean, q):  # pragma: no cover - compiled
+    n, _, d = x.shape
+    if n >= 8:
+        z = np.empty((d, n), dtype=np.float32)
         for b in range(n):
             for i in range(d):
-                z[i] = x[b, q, i] - mean[q, i]
-            acc = np.float32(0.0)
-            off = 0
+                z[i, b] = x[b, q, i] - mean[q, i]
+    else:
+        z = np.empty((n, d), dtype=np.float32)
+        for b in range(n):
             for i in range(d):
-                y = np.float32(0.0)
-                for j in range(i + 1):
-                    y += load(factor, q, off + j, half) * z[j]
-                off += i + 1
-                acc += y * y
-            out[b, q] = np.sqrt(acc)
+                z[b, i] = x[b, q, i] - mean[q, i]
+    return z
+
+
+@_fjit
+def _mahalanobis_f32(x, mean, factor, out):  # pragma: no cover - compiled
+    n, p, d = x.shape
+    for q in numba.prange(p):
+        sq = np.zeros(n, dtype=np.float32)
+        _tri(factor[q], _center(x, mean, q), sq)
+        for b in range(n):
+            out[b, q] = np.sqrt(sq[b])
+
+
+@_fjit
+def _mahalanobis_f16(x, mean, factor, out):  # pragma: no cover - compiled
+    n, p, d = x.shape
+    for q in numba.prange(p):
+        a = np.empty(factor.shape[1], dtype=np.float32)
+        _decode_half(factor[q], a)
+        sq = np.zeros(n, dtype=np.float32)
+        _tri(a, _center(x, mean, q), sq)
+        for b in range(n):
+            out[b, q] = np.sqrt(sq[b])
 
 
 def mahalanobis(x, mean, factor):
     out = np.empty(x.shape[:2], dtype=np.float32)
     if factor.dtype == np.float16:
-        _mahalanobis(x, mean, factor.view(np.uint16), _HALF, _ld_f16, out)
+        _mahalanobis_f16(x, mean, factor.view(np.uint16), out)
     else:
-        _mahalanobis(x, mean, factor, _HALF, _ld_f32, out)
+        _mahalanobis_f32(x, mean, factor, out)
     return out
 
 
 @_pjit
-def _coreset(x, k, start, mind, half, load, center, neg, nchunks, idx):  # pragma: no cover - compiled
+def _coreset(x, k, start, mind, half, load, center, neg, margin, nchunks, idx):  # pragma: no cover - compiled
+    """Same pruning as the compiled kernel (impl.hpp): a point whose nearest
+    centre a satisfies d(a,c)² > margin·d(x,a)² cannot get closer to c."""
     m, d = x.shape
     sel = start
     if sel < 0:
@@ -70,11 +140,19 @@ def _coreset(x, k, start, mind, half, load, center, neg, nchunks, idx):  # pragm
     per = (m + nchunks - 1) // nchunks
     best_val = np.empty(nchunks, dtype=mind.dtype)
     best_idx = np.empty(nchunks, dtype=np.int64)
+    owner = np.full(m, -1, dtype=np.int32)
+    cd2 = np.empty(k, dtype=mind.dtype)
     for it in range(k):
         idx[it] = sel
         mind[sel] = neg
         for j in range(d):
             center[j] = load(x, sel, j, half)
+        for j in numba.prange(it):
+            dd = neg - neg
+            for u in range(d):
+                t = load(x, idx[j], u, half) - center[u]
+                dd += t * t
+            cd2[j] = dd
         for t in numba.prange(nchunks):
             bv = neg
             bi = -1
@@ -82,13 +160,16 @@ def _coreset(x, k, start, mind, half, load, center, neg, nchunks, idx):  # pragm
                 cur = mind[i]
                 if cur < 0:
                     continue
-                dd = neg - neg  # zero of the distance type
-                for j in range(d):
-                    u = load(x, i, j, half) - center[j]
-                    dd += u * u
-                if dd < cur:
-                    cur = dd
-                    mind[i] = dd
+                a = owner[i]
+                if a < 0 or not cd2[a] > margin * cur:
+                    dd = neg - neg  # zero of the distance type
+                    for j in range(d):
+                        u = load(x, i, j, half) - center[j]
+                        dd += u * u
+                    if dd < cur:
+                        cur = dd
+                        mind[i] = dd
+                        owner[i] = it
                 if cur > bv:
                     bv = cur
                     bi = i
@@ -107,39 +188,44 @@ def _coreset(x, k, start, mind, half, load, center, neg, nchunks, idx):  # pragm
 def greedy_coreset(x, k, start, mind):
     idx = np.empty(k, dtype=np.int64)
     nchunks = max(1, min(numba.get_num_threads(), len(x) // 16384))
+    # margins as in impl.hpp: 4.004 for floats (rounding), 4 for exact integers
     if x.dtype == np.int8:
-        args = (x, _ld_i8, np.empty(x.shape[1], np.int32), np.int32(-1))
+        args = (x, _ld_i8, np.empty(x.shape[1], np.int32), np.int32(-1), np.int64(4))
     elif x.dtype == np.float16:
-        args = (x.view(np.uint16), _ld_f16, np.empty(x.shape[1], np.float32), np.float32(-1))
+        args = (x.view(np.uint16), _ld_f16, np.empty(x.shape[1], np.float32), np.float32(-1), np.float32(4.004))
     else:
-        args = (x, _ld_f32, np.empty(x.shape[1], np.float32), np.float32(-1))
-    xs, load, center, neg = args
-    _coreset(xs, int(k), int(start), mind, _HALF, load, center, neg, nchunks, idx)
+        args = (x, _ld_f32, np.empty(x.shape[1], np.float32), np.float32(-1), np.float32(4.004))
+    xs, load, center, neg, margin = args
+    _coreset(xs, int(k), int(start), mind, _HALF, load, center, neg, margin, nchunks, idx)
     return idx
+
+
+@_jit
+def _cols(w, wo, s, off):  # pragma: no cover - compiled
+    """Output columns [lo, hi) whose input column j*s + off lies inside [0, w)."""
+    lo = 0 if off >= 0 else (-off + s - 1) // s
+    hi = 0 if w - 1 - off < 0 else (w - 1 - off) // s + 1
+    return lo, min(hi, wo)
 
 
 @_jit
 def _pool_row(plane, ho, k, s, p, wo, is_max, acc):  # pragma: no cover - compiled
     h, w = plane.shape
-    for j in range(wo):
-        acc[j] = -np.inf if is_max else 0.0
+    acc[:] = -np.inf if is_max else 0.0
     for kh in range(k):
         r = ho * s + kh - p
         if r < 0 or r >= h:
             continue
         for kw in range(k):
-            for j in range(wo):
-                col = j * s + kw - p
-                if 0 <= col < w:
-                    v = plane[r, col]
-                    if is_max:
-                        if v > acc[j]:
-                            acc[j] = v
-                    else:
-                        acc[j] += v
+            lo, hi = _cols(w, wo, s, kw - p)
+            for j in range(lo, hi):
+                v = plane[r, j * s + kw - p]
+                if is_max:
+                    acc[j] = max(acc[j], v)
+                else:
+                    acc[j] += v
     if not is_max:
-        for j in range(wo):
-            acc[j] /= k * k
+        acc *= np.float32(1.0 / (k * k))
 
 
 @_pjit
@@ -159,28 +245,26 @@ def _embed(x, k, s, p, mode, dout, out):  # pragma: no cover - compiled
                     r = ho * s + rem // k - p
                     if r < 0 or r >= h:
                         continue
-                    for j in range(wo):
-                        col = j * s + rem % k - p
-                        if 0 <= col < w:
-                            tmp[i, j] += x[b, ch, r, col]
-                for j in range(wo):
-                    tmp[i, j] /= f1 - f0
+                    off = rem % k - p
+                    lo, hi = _cols(w, wo, s, off)
+                    for j in range(lo, hi):
+                        tmp[i, j] += x[b, ch, r, j * s + off]
+                tmp[i] *= np.float32(1.0 / (f1 - f0))
         else:
             pooled = np.empty((planes, wo), dtype=np.float32)
             for ch in range(c):
                 _pool_row(x[b, ch], ho, k, s, p, wo, mode == 1, pooled[ch])
                 if mode == 2:
                     _pool_row(x[b, ch], ho, k, s, p, wo, True, pooled[c + ch])
-            for i in range(dout):
-                c0, c1 = (i * length) // dout, ((i + 1) * length + dout - 1) // dout
-                for ch in range(c0, c1):
-                    for j in range(wo):
-                        tmp[i, j] += pooled[ch, j]
-                for j in range(wo):
-                    tmp[i, j] /= c1 - c0
-        for j in range(wo):
-            for i in range(dout):
-                out[b, ho, j, i] = tmp[i, j]
+            if dout == planes:
+                tmp[:] = pooled
+            else:
+                for i in range(dout):
+                    c0, c1 = (i * length) // dout, ((i + 1) * length + dout - 1) // dout
+                    for ch in range(c0, c1):
+                        tmp[i] += pooled[ch]
+                    tmp[i] *= np.float32(1.0 / (c1 - c0))
+        out[b, ho] = tmp.T
 
 
 def _out_shape(x, kernel, stride, padding, dout):

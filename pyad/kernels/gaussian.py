@@ -160,10 +160,15 @@ def mahalanobis(features, fitted: GaussianModel):
         from . import _torch
 
         return _torch.mahalanobis(features, fitted)
-    x = _validate.array(features, "features", 3)
+    # NaN/Inf are caught on the output: A has a positive diagonal, so a
+    # non-finite feature always makes its distance non-finite (and the output
+    # is d times smaller than the input to check).
+    x = _validate.array(features, "features", 3, finite=False)
     if x.shape[1:] != fitted.mean.shape:
         raise ValueError(f"features: expected [N, {fitted.positions}, {fitted.dim}], got {list(x.shape)}")
     out = _backend.current().mahalanobis(x, fitted.mean, fitted.factor)
+    if not np.isfinite(out).all():
+        raise ValueError("features: contains NaN or Inf")
     return _torch_like(features, out)
 
 

@@ -36,7 +36,7 @@ static double half_value(uint16_t h) {
 
 static void test_mahalanobis(const KernelTable& t, std::mt19937& gen) {
     std::normal_distribution<float> nd;
-    const int64_t shapes[][3] = {{1, 1, 1}, {1, 3, 5}, {5, 2, 17}, {6, 3, 33}, {2, 2, 100}};
+    const int64_t shapes[][3] = {{1, 1, 1}, {1, 3, 5}, {5, 2, 17}, {6, 3, 33}, {2, 2, 100}, {33, 2, 17}, {70, 1, 8}};
     for (auto& s : shapes) {
         const int64_t n = s[0], p = s[1], d = s[2], tri = d * (d + 1) / 2;
         std::vector<float> x(n * p * d), mean(p * d), f32(p * tri), out(n * p);

@@ -95,8 +95,10 @@ def test_concurrent_calls_match_serial(rng):
 def test_thread_count_is_settable():
     before = core.num_threads()
     try:
-        core.set_num_threads(1)
+        K.set_num_threads(1)
         assert pyad.info()["threads"] == 1
     finally:
         core.set_num_threads(0)
     assert core.num_threads() == before
+    with pytest.raises(ValueError, match="n"):
+        K.set_num_threads(0)

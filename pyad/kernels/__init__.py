@@ -11,7 +11,7 @@ are used without copies; torch CUDA tensors run on the GPU). Bad arguments
 raise ValueError naming the argument.
 """
 
-from ._backend import BACKENDS, info, set_backend, use_backend
+from ._backend import BACKENDS, info, set_backend, set_num_threads, use_backend
 from .coreset import greedy_coreset, random_projection
 from .gaussian import GaussianAccumulator, GaussianModel, gaussian_fit, mahalanobis
 from .pooling import channel_pool, patch_embed, patch_pool
@@ -29,5 +29,6 @@ __all__ = [
     "patch_pool",
     "random_projection",
     "set_backend",
+    "set_num_threads",
     "use_backend",
 ]

@@ -139,6 +139,18 @@ def use_backend(backend: str, isa: str | None = None) -> Iterator[None]:
             _core().set_isa(prev_isa)
 
 
+def set_num_threads(n: int) -> None:
+    """Threads for the native and numba kernels (default: OMP_NUM_THREADS, else all cores)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    with contextlib.suppress(ImportError):
+        _core().set_num_threads(n)
+    import sys
+
+    if "numba" in sys.modules:
+        sys.modules["numba"].set_num_threads(min(n, sys.modules["numba"].config.NUMBA_NUM_THREADS))
+
+
 def info() -> dict:
     """``{"backend", "isa", "threads", ...}`` for the kernels in use."""
     backend = name()

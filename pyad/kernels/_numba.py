@@ -129,7 +129,7 @@ def mahalanobis(x, mean, factor):
     return out
 
 
-@_pjit
+@_fjit
 def _coreset(x, k, start, mind, half, load, center, neg, margin, nchunks, idx):  # pragma: no cover - compiled
     """Same pruning as the compiled kernel (impl.hpp): a point whose nearest
     centre a satisfies d(a,c)² > margin·d(x,a)² cannot get closer to c."""

@@ -14,13 +14,21 @@ from pyad import kernels as K
 core = pytest.importorskip("pyad._core")
 
 
-def run(code, **env):
+def run(code, *args, **env):
+    """Run ``python -c code`` (or ``python *args``) in a fresh interpreter,
+    outside the source tree, whose pyad/ has no compiled module and would shadow
+    the installed package."""
     import os
+    import tempfile
 
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    return subprocess.run(
+        [sys.executable, *(args or ("-c", code))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+        cwd=tempfile.gettempdir(),
     )
-    return proc
 
 
 def test_info_reports_the_live_implementation():
@@ -32,7 +40,7 @@ def test_info_reports_the_live_implementation():
 
 
 def test_cli_info():
-    proc = subprocess.run([sys.executable, "-m", "pyad", "info"], capture_output=True, text=True, timeout=120)
+    proc = run(None, "-m", "pyad", "info")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == pyad.__version__
 

@@ -115,6 +115,23 @@ class GaussianAccumulator:
         self.count = total
         return self
 
+    def merge(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+        """A new accumulator holding the statistics of both (Chan et al.)."""
+        out = GaussianAccumulator(self.eps, self.dtype)
+        for acc in (self, other):
+            if acc._mean is None:
+                continue
+            if out._mean is None:
+                out._mean, out._scatter, out.count = acc._mean.copy(), acc._scatter.copy(), acc.count
+                continue
+            n_a, n_b = out.count, acc.count
+            delta = acc._mean - out._mean
+            rows, cols = np.tril_indices(delta.shape[1])
+            out._scatter += acc._scatter + (delta[:, rows] * delta[:, cols]) * (n_a * n_b / (n_a + n_b))
+            out._mean += delta * (n_b / (n_a + n_b))
+            out.count = n_a + n_b
+        return out
+
     def finalize(self) -> GaussianModel:
         """The fitted model: Σ = scatter/(N-1) + eps·I, factor A = L⁻¹."""
         if self._mean is None or self.count < 2:

@@ -1,0 +1,265 @@
+"""Backbones with torchvision's state_dict layout, so official checkpoints load
+unchanged (torchvision itself is not imported).
+
+``Backbone(name, layers, weights)`` builds a network only up to the deepest
+requested layer (seed 003 §3.5.2: unused layers cost time) and returns the
+requested feature maps by name. ResNets tap ``layer1``..``layer4``; MobileNetV2
+taps ``features.N`` and also answers to ``layer1``..``layer4`` (strides 4, 8, 16,
+32: ``features.3/6/13/17``), so detector defaults work with either family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Official torchvision ImageNet checkpoints; the hex in each name is the start
+# of the file's SHA-256, checked on download (as torch.hub does).
+URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --- ResNet (torchvision.models.resnet, v1.5: stride on the 3x3 conv) -------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, width=64):
+        super().__init__()
+        mid = int(planes * (width / 64.0))
+        self.conv1 = nn.Conv2d(inplanes, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128),
+}
+
+
+def _resnet_stages(name: str, depth: int) -> list[tuple[str, nn.Module]]:
+    """Named stages up to layer``depth``: conv1, bn1, relu, maxpool, layer1..."""
+    block, counts, width = RESNETS[name]
+    stages: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False)),
+        ("bn1", nn.BatchNorm2d(64)),
+        ("relu", nn.ReLU(inplace=True)),
+        ("maxpool", nn.MaxPool2d(3, 2, 1)),
+    ]
+    inplanes = 64
+    for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+        if i >= depth:
+            break
+        stride = 1 if i == 0 else 2
+        down = None
+        if stride != 1 or inplanes != planes * block.expansion:
+            down = nn.Sequential(
+                nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        blocks = [block(inplanes, planes, stride, down, width)]
+        inplanes = planes * block.expansion
+        blocks += [block(inplanes, planes, width=width) for _ in range(count - 1)]
+        stages.append((f"layer{i + 1}", nn.Sequential(*blocks)))
+    return stages
+
+
+# --- MobileNetV2 (torchvision.models.mobilenetv2) ----------------------------
+def _conv_bn_relu6(inp, oup, kernel=3, stride=1, groups=1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = [] if expand_ratio == 1 else [_conv_bn_relu6(inp, hidden, kernel=1)]
+        layers += [
+            _conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+_MBV2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENET_ALIASES = {"layer1": "features.3", "layer2": "features.6", "layer3": "features.13", "layer4": "features.17"}
+
+
+def _mobilenet_features(depth: int) -> nn.Sequential:
+    """``features.0`` .. ``features.depth`` of MobileNetV2 1.0."""
+    layers: list[nn.Module] = [_conv_bn_relu6(3, 32, stride=2)]
+    inp = 32
+    for t, c, n, s in _MBV2_SETTING:
+        for i in range(n):
+            layers.append(InvertedResidual(inp, c, s if i == 0 else 1, t))
+            inp = c
+    layers.append(_conv_bn_relu6(inp, 1280, kernel=1))
+    return nn.Sequential(*layers[: depth + 1])
+
+
+# --- the feature extractor ---------------------------------------------------
+class Backbone(nn.Module):
+    """Feature taps of a torchvision-layout network.
+
+    name:    one of ``URLS``.
+    layers:  tap names, e.g. ("layer2", "layer3").
+    weights: None (random init, seeded by the caller), "imagenet" (official
+             checkpoint, downloaded once into the torch hub cache), or a path.
+    ``forward(x)`` takes [B, 3, H, W] (or [B, 1, H, W]: grey is repeated) and
+    returns {tap: [B, C, h, w]}.
+    """
+
+    def __init__(self, name: str, layers=("layer2", "layer3"), weights=None):
+        super().__init__()
+        if name not in URLS:
+            raise ValueError(f"backbone: expected one of {sorted(URLS)}, got {name!r}")
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("layers: expected at least one layer name")
+        self.name = name
+        self.taps = tuple(self._resolve(t) for t in layers)
+        self.layer_names = layers
+        if name in RESNETS:
+            depth = max(int(t[-1]) for t in self.taps)
+            self.body = nn.ModuleDict(_resnet_stages(name, depth))
+        else:
+            depth = max(int(t.split(".")[1]) for t in self.taps)
+            self.body = nn.ModuleDict({"features": _mobilenet_features(depth)})
+        self.weights_id = "random"
+        if weights is not None:
+            self.load_weights(weights)
+        self.eval()
+
+    def _resolve(self, tap: str) -> str:
+        if self.name in RESNETS:
+            if not re.fullmatch(r"layer[1-4]", tap):
+                raise ValueError(f"layers: {self.name} taps are layer1..layer4, got {tap!r}")
+            return tap
+        tap = MOBILENET_ALIASES.get(tap, tap)
+        m = re.fullmatch(r"features\.(\d+)", tap)
+        if not m or int(m.group(1)) > 18:
+            raise ValueError(f"layers: mobilenet_v2 taps are layer1..layer4 or features.0..features.18, got {tap!r}")
+        return tap
+
+    def state_dict_keys(self) -> list[str]:
+        return [k.split(".", 1)[1] if k.startswith("body.") else k for k in self.state_dict()]
+
+    def load_weights(self, weights) -> None:
+        """Load "imagenet" or a checkpoint path (torchvision layout, weights only)."""
+        if weights == "imagenet":
+            path = _download(self.name)
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise ValueError(f"weights: no checkpoint file at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"weights: {path} does not hold a state_dict")
+        own = self.state_dict()
+        missing = [k for k in own if _checkpoint_key(k) not in state]
+        if missing:
+            raise ValueError(f"weights: {path} lacks {len(missing)} tensors of {self.name}, e.g. {_checkpoint_key(missing[0])!r}")
+        self.load_state_dict({k: state[_checkpoint_key(k)] for k in own})
+        self.weights_id = "sha256:" + _sha256(path)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        out = {}
+        wanted = set(self.taps)
+        if self.name in RESNETS:
+            for key, stage in self.body.items():
+                x = stage(x)
+                if key in wanted:
+                    out[key] = x
+        else:
+            for i, block in enumerate(self.body["features"]):
+                x = block(x)
+                if f"features.{i}" in wanted:
+                    out[f"features.{i}"] = x
+        return {name: out[tap] for name, tap in zip(self.layer_names, self.taps)}
+
+
+def _checkpoint_key(key: str) -> str:
+    """Our key (``body.layer1.0.conv1.weight``) -> torchvision's (``layer1.0.conv1.weight``)."""
+    return key.split(".", 1)[1]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(name: str) -> Path:
+    """The official checkpoint from the torch hub cache, downloading it once."""
+    url = URLS[name]
+    filename = url.rsplit("/", 1)[1]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, os.fspath(target), hash_prefix=filename.rsplit("-", 1)[1][:-4])
+        except Exception as exc:
+            raise ValueError(
+                f"weights: could not download {url} ({exc}). Offline, put {filename} at {target} "
+                f"or pass weights='/path/to/{filename}'"
+            ) from None
+    return target

@@ -1,0 +1,262 @@
+"""The detector API every pyad detector follows.
+
+- ``__init__`` only stores hyperparameters; ``fit(train)`` learns and returns
+  ``self``; learned state ends in an underscore (``memory_bank_``, ``threshold_``).
+- ``predict(images)`` -> ``Prediction``: ``scores`` float32 [N] (higher = more
+  anomalous), ``maps`` float32 [N, H, W] at each image's own resolution (a list
+  when sizes differ), ``labels`` bool [N] once a threshold exists. Evaluation,
+  the CLI and saved models all call this one method.
+- Threshold: by default the ``threshold_quantile`` of the scores of a held-out
+  ``threshold_holdout`` share of the training images, scored by a model fitted
+  without them (the final model is fitted on all images); ``calibrate`` replaces
+  it with the F1-optimal threshold on labelled images. ``threshold_rule_`` says
+  which.
+- ``save(path)`` / ``pyad.load(path)``: one file, see ``pyad.modelfile``.
+  Backbone weights are not stored; their identity (sha256, or "random" + seed)
+  is, and is checked when the backbone is rebuilt on first use.
+- A fitted or loaded detector's ``predict`` is safe to call from many threads.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import images as imgs
+from .. import modelfile
+from .._version import __version__
+from ..backbones import Backbone
+
+REGISTRY: dict[str, type["Detector"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+class NotFittedError(ValueError):
+    """predict/save before fit."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    scores: np.ndarray
+    maps: np.ndarray | list
+    labels: np.ndarray | None = None
+
+
+def _check(cond: bool, name: str, expected: str, value) -> None:
+    if not cond:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+class Detector:
+    """Shared plumbing. Subclasses implement ``_embed``, ``_collect``,
+    ``_finish`` and ``_score`` (see PatchCore for the contract)."""
+
+    #: learned arrays saved by ``save`` (besides threshold_)
+    _state: tuple[str, ...] = ()
+
+    def __init__(self, *, backbone, weights, layers, image_size, crop_size, device, batch_size, seed,
+                 threshold_quantile, threshold_holdout, blur_sigma):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = tuple(layers)
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+        self.threshold_quantile = threshold_quantile
+        self.threshold_holdout = threshold_holdout
+        self.blur_sigma = blur_sigma
+        self._lock = threading.Lock()
+        self._net: Backbone | None = None
+
+    # -- parameters ---------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self._param_names()}
+
+    def set_params(self, **params) -> "Detector":
+        for k, v in params.items():
+            if k not in self._param_names():
+                raise ValueError(f"{k}: not a parameter of {type(self).__name__}")
+            setattr(self, k, v)
+        return self
+
+    def _check_params(self) -> None:
+        _check(isinstance(self.image_size, int) and self.image_size >= 32, "image_size", "an int >= 32", self.image_size)
+        _check(self.crop_size is None or (isinstance(self.crop_size, int) and 32 <= self.crop_size <= self.image_size),
+               "crop_size", "None or an int in [32, image_size]", self.crop_size)
+        _check(self.device in ("cpu", "cuda") or str(self.device).startswith("cuda:"), "device", "'cpu' or 'cuda'", self.device)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive int", self.batch_size)
+        _check(isinstance(self.seed, int), "seed", "an int", self.seed)
+        _check(0 < self.threshold_quantile <= 1, "threshold_quantile", "a number in (0, 1]", self.threshold_quantile)
+        _check(0 <= self.threshold_holdout < 1, "threshold_holdout", "a number in [0, 1)", self.threshold_holdout)
+        _check(self.blur_sigma >= 0, "blur_sigma", "a number >= 0", self.blur_sigma)
+
+    # -- backbone -------------------------------------------------------------
+    def _backbone_layers(self) -> tuple[str, ...]:
+        return self.layers
+
+    def _network(self) -> Backbone:
+        """The backbone, built on first use (thread-safe), seeded for random init."""
+        if self._net is None:
+            with self._lock:
+                if self._net is None:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(self.seed)
+                        net = Backbone(self.backbone, self._backbone_layers(), None)
+                    if self.weights is not None:
+                        net.load_weights(self.weights)
+                    expected = getattr(self, "weights_id_", None)
+                    if expected is not None and net.weights_id != expected and not (expected == "random" and self.weights is None):
+                        raise ValueError(f"weights: backbone weights {net.weights_id} differ from the ones this model was fitted with ({expected})")
+                    self._net = net.to(self.device).eval()
+        return self._net
+
+    @property
+    def _pre(self) -> imgs.Preprocess:
+        return imgs.Preprocess(self.image_size, self.crop_size)
+
+    def _features(self, batch: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        x = self._pre(batch).to(self.device)
+        with torch.inference_mode():
+            return {k: v.float().cpu() for k, v in self._network()(x).items()}
+
+    # -- fit --------------------------------------------------------------------
+    def fit(self, train) -> "Detector":
+        self._check_params()
+        self._check_own_params()
+        total = imgs.count(train)
+        rng = np.random.default_rng(self.seed)
+        hold = set()
+        if total and self.threshold_holdout > 0 and total * self.threshold_holdout >= 1 and total >= 5:
+            hold = set(rng.choice(total, max(1, int(round(total * self.threshold_holdout))), replace=False).tolist())
+        self._begin_fit()
+        seen, held = 0, []
+        bar = tqdm(total=total, desc=f"{type(self).__name__}: fitting", unit="img", disable=None, leave=False)
+        for batch in imgs.batches(train, self.batch_size):
+            emb = self._embed(self._features(batch))
+            mask = np.array([seen + i in hold for i in range(len(batch))])
+            self._collect(emb, mask)
+            if mask.any():
+                held.append(self._take(emb, mask))
+            seen += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        if seen < 2:
+            raise ValueError(f"train: need at least 2 images, got {seen}")
+        self.threshold_, self.threshold_rule_ = None, "none (no held-out images)"
+        if held:
+            partial = self._finish(exclude_holdout=True)
+            scores = np.concatenate([self._score(partial, h)[0] for h in held])
+            self.threshold_ = float(np.quantile(scores, self.threshold_quantile, method="higher"))
+            self.threshold_rule_ = (f"quantile {self.threshold_quantile} of the scores of {len(scores)} held-out "
+                                    f"training images (seed {self.seed})")
+        self._set_state(self._finish(exclude_holdout=False))
+        self.weights_id_ = self._network().weights_id
+        self.n_train_ = seen
+        return self
+
+    def calibrate(self, images, labels) -> "Detector":
+        """Set the F1-optimal threshold from labelled images (labels: 1 = anomalous)."""
+        labels = np.asarray(labels).astype(bool)
+        scores = self.predict(images).scores
+        if len(scores) != len(labels) or labels.all() or not labels.any():
+            raise ValueError("labels: expected one label per image, with both normal and anomalous images")
+        order = np.argsort(-scores, kind="stable")
+        s, y = scores[order], labels[order]
+        tp = np.cumsum(y)
+        fp = np.cumsum(~y)
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # thresholds at distinct scores
+        f1 = 2 * tp[last] / (tp[last] + fp[last] + y.sum())
+        best = int(np.argmax(f1))
+        self.threshold_ = float(s[last[best]])
+        self.threshold_rule_ = f"F1-optimal on {len(labels)} labelled images (F1 = {f1[best]:.4f})"
+        return self
+
+    # -- predict ----------------------------------------------------------------
+    def _fitted(self) -> None:
+        if not hasattr(self, "n_train_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) or pyad.load(path) first")
+
+    def predict(self, images) -> Prediction:
+        """Scores, maps at each image's resolution and labels (see the module doc)."""
+        self._fitted()
+        state = self._get_state()
+        scores, maps = [], []
+        for batch in imgs.batches(images, self.batch_size):
+            s, patch_maps = self._score(state, self._embed(self._features(batch)))
+            full = self._upsample(patch_maps)
+            scores.append(s)
+            maps += [self._pre.restore(m, img.shape[:2]) for m, img in zip(full, batch)]
+        scores = np.concatenate(scores).astype(np.float32)
+        same = len({m.shape for m in maps}) == 1
+        labels = None if self.threshold_ is None else scores > self.threshold_
+        return Prediction(scores, np.stack(maps) if same else maps, labels)
+
+    def _upsample(self, patch_maps: np.ndarray) -> np.ndarray:
+        """[B, h, w] patch scores -> [B, S, S] on the network input: bilinear, then
+        Gaussian blur (official PatchCore RescaleSegmentor; PaDiM, σ = 4)."""
+        t = torch.from_numpy(np.ascontiguousarray(patch_maps, dtype=np.float32))[:, None]
+        t = F.interpolate(t, size=(self._pre.size,) * 2, mode="bilinear", align_corners=False)[:, 0]
+        return imgs.gaussian_blur(t, self.blur_sigma).numpy()
+
+    # -- persistence ------------------------------------------------------------
+    def save(self, path) -> None:
+        self._fitted()
+        meta = {
+            "pyad_version": __version__,
+            "detector": type(self).__name__,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
+            "weights_id": self.weights_id_,
+            "n_train": self.n_train_,
+            "threshold": self.threshold_,
+            "threshold_rule": self.threshold_rule_,
+        }
+        modelfile.write(path, meta, self._arrays())
+
+    @classmethod
+    def _from_file(cls, meta: dict, arrays: dict) -> "Detector":
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["params"].items()}
+        det = cls(**params)
+        det.weights_id_ = meta["weights_id"]
+        det.n_train_ = meta["n_train"]
+        det.threshold_ = meta["threshold"]
+        det.threshold_rule_ = meta["threshold_rule"]
+        det._load_arrays(arrays)
+        return det
+
+    # -- subclass contract ------------------------------------------------------
+    def _check_own_params(self) -> None: ...
+    def _begin_fit(self) -> None: ...
+    def _embed(self, feats: dict[str, torch.Tensor]): raise NotImplementedError
+    def _collect(self, emb, holdout_mask: np.ndarray) -> None: raise NotImplementedError
+    def _take(self, emb, mask: np.ndarray): raise NotImplementedError
+    def _finish(self, exclude_holdout: bool): raise NotImplementedError
+    def _set_state(self, state) -> None: raise NotImplementedError
+    def _get_state(self): raise NotImplementedError
+    def _score(self, state, emb) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
+    def _arrays(self) -> dict: raise NotImplementedError
+    def _load_arrays(self, arrays: dict) -> None: raise NotImplementedError
+
+
+def load(path) -> Detector:
+    """A detector saved with ``save``; checks format, checksum and version."""
+    meta, arrays = modelfile.read(path)
+    name = meta.get("detector")
+    if name not in REGISTRY:
+        raise ValueError(f"path: unknown detector {name!r} in {path}")
+    return REGISTRY[name]._from_file(meta, arrays)

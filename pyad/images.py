@@ -1,0 +1,186 @@
+"""Image input for the detectors: reading, validation, preprocessing, and
+bringing anomaly maps back to each image's own resolution.
+
+Preprocessing follows the official PatchCore / torchvision pipeline: resize to
+``image_size`` (square, bilinear), optional centre crop to ``crop_size``,
+ImageNet normalisation. Maps are computed on the crop; outside it (the border a
+centre crop removes) the map holds the map's minimum, so the border never
+raises a false alarm; the canvas is then resized bilinearly to the image's size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"images: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise ValueError(f"images: no image files ({', '.join(EXTENSIONS)}) in {folder}")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """[H, W, 3] uint8 RGB (grey images are repeated to three channels)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"images: cannot read {path}: {exc}") from None
+
+
+def _check_array(a: np.ndarray, where: str) -> np.ndarray:
+    """One image as [H, W, C] (uint8, or float in [0, 1]) with C in {1, 3}."""
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"images: {where} has shape {a.shape}; expected [H, W, C] or [C, H, W]")
+    if a.shape[-1] not in (1, 3) and a.shape[0] in (1, 3):
+        a = np.moveaxis(a, 0, -1)  # [C, H, W] -> [H, W, C]
+    if a.shape[-1] not in (1, 3):
+        raise ValueError(f"images: {where} has {a.shape[-1]} channels; expected 1 (grey) or 3 (RGB)")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"images: {where} contains NaN or Inf")
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"images: {where} has dtype {a.dtype}; expected uint8 or float")
+    return a
+
+
+def iter_images(source) -> Iterator[np.ndarray]:
+    """Images from a folder, a list of paths or arrays, an array batch
+    ([N, H, W, C] uint8 or [N, C, H, W] float), or a dataset of dicts/samples
+    with an ``image`` entry. Yields [H, W, C] arrays."""
+    if isinstance(source, (str, os.PathLike)):
+        for p in list_images(source):
+            yield read_image(p)
+        return
+    if _is_tensor(source):
+        source = source.detach().cpu().numpy()
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4:
+            raise ValueError(f"images: an array batch must be 4-d [N, H, W, C] or [N, C, H, W], got {source.shape}")
+        if len(source) == 0:
+            raise ValueError("images: the batch is empty")
+        for i, a in enumerate(source):
+            yield _check_array(a, f"image {i}")
+        return
+    count = 0
+    for i, item in enumerate(source):
+        if isinstance(item, dict):
+            item = item["image"]
+        elif hasattr(item, "image"):
+            item = item.image
+        if isinstance(item, (str, os.PathLike)):
+            yield read_image(item)
+        else:
+            yield _check_array(np.asarray(item.detach().cpu().numpy() if _is_tensor(item) else item), f"image {i}")
+        count += 1
+    if count == 0:
+        raise ValueError("images: no images given")
+
+
+def _is_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def batches(source, size: int) -> Iterator[list[np.ndarray]]:
+    batch: list[np.ndarray] = []
+    for img in iter_images(source):
+        batch.append(img)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def count(source) -> int | None:
+    """Number of images when it is known without reading them (for progress bars)."""
+    if isinstance(source, (str, os.PathLike)):
+        return len(list_images(source))
+    try:
+        return len(source)
+    except TypeError:
+        return None
+
+
+class Preprocess:
+    """[H, W, C] images -> normalised [B, 3, S, S] float32 tensor (S = crop or size)."""
+
+    def __init__(self, image_size: int = 256, crop_size: int | None = 224):
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    @property
+    def size(self) -> int:
+        return self.crop_size or self.image_size
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        out = torch.empty(len(images), 3, self.size, self.size)
+        for i, a in enumerate(images):
+            out[i] = self._one(a)
+        return (out - self.mean) / self.std
+
+    def _one(self, a: np.ndarray) -> torch.Tensor:
+        if a.dtype != np.uint8:  # float images are taken to be in [0, 1]
+            a = (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+        im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
+        im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+        t = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+        if self.crop_size:
+            o = (self.image_size - self.crop_size) // 2
+            t = t[:, o : o + self.crop_size, o : o + self.crop_size]
+        return t
+
+    def restore(self, amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """A [S, S] map on the (cropped) network input -> [H, W] on the original image."""
+        if self.crop_size:
+            canvas = np.full((self.image_size, self.image_size), amap.min(), dtype=np.float32)
+            o = (self.image_size - self.crop_size) // 2
+            canvas[o : o + self.crop_size, o : o + self.crop_size] = amap
+            amap = canvas
+        t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+        return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter(m, sigma) per map (truncate 4, mode 'reflect'),
+    as the official PatchCore and PaDiM code apply to anomaly maps. [B, H, W]."""
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).float()
+    out = maps[:, None]
+    for dim in (2, 3):
+        out = _symmetric_pad(out, radius, dim)
+        w = k.view(1, 1, -1, 1) if dim == 2 else k.view(1, 1, 1, -1)
+        out = F.conv2d(out, w)
+    return out[:, 0]
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """numpy 'symmetric' (scipy 'reflect') padding along ``dim``, any r."""
+    n = x.shape[dim]
+    idx = torch.arange(-r, n + r)
+    period = 2 * n
+    idx = idx % period
+    idx = torch.where(idx >= n, period - 1 - idx, idx)
+    return x.index_select(dim, idx)

@@ -3,10 +3,28 @@
 Train a detector on defect-free images, then score new images and localise
 defects. Scores follow one convention throughout: **higher = more anomalous**
 (the opposite of scikit-learn's ``score_samples``).
+
+    import pyad
+    det = pyad.PatchCore().fit("bottle/train/good")
+    pred = det.predict("bottle/test/broken_large")   # scores [N], maps [N, H, W], labels [N]
+    det.save("bottle.pyad"); det = pyad.load("bottle.pyad")
+
+Detectors are imported on first use, so ``import pyad`` loads neither torch nor
+numba.
 """
 
 from ._version import __version__
 from . import kernels
+
+_LAZY = {"PatchCore", "PaDiM", "SPADE", "Detector", "Prediction", "NotFittedError", "load", "REGISTRY"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import detectors
+
+        return getattr(detectors, name)
+    raise AttributeError(f"module 'pyad' has no attribute {name!r}")
 
 
 def info() -> dict:
@@ -14,4 +32,4 @@ def info() -> dict:
     return {"version": __version__, **kernels.info()}
 
 
-__all__ = ["__version__", "info", "kernels"]
+__all__ = ["__version__", "info", "kernels", *sorted(_LAZY)]

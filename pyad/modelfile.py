@@ -57,7 +57,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             members = [(n, z.read(n)) for n in names if n != "SHA256"]
             stored = z.read("SHA256").decode()
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise ValueError(f"path: {path} is truncated or not a pyad model file ({exc})") from None
+        raise ValueError(f"path: {path} is truncated, corrupt or not a pyad model file ({exc})") from None
     if _digest(members) != stored:
         raise ValueError(f"path: {path} is corrupt or was altered (checksum mismatch)")
     meta = json.loads(dict(members)["meta.json"])

@@ -183,7 +183,9 @@ class Detector:
         last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # thresholds at distinct scores
         f1 = 2 * tp[last] / (tp[last] + fp[last] + y.sum())
         best = int(np.argmax(f1))
-        self.threshold_ = float(s[last[best]])
+        cut = last[best]  # label anomalous the images scoring >= s[cut]: threshold just below it
+        below = s[cut + 1] if cut + 1 < len(s) else -np.inf
+        self.threshold_ = float((s[cut] + below) / 2 if np.isfinite(below) else np.nextafter(s[cut], -np.inf))
         self.threshold_rule_ = f"F1-optimal on {len(labels)} labelled images (F1 = {f1[best]:.4f})"
         return self
 

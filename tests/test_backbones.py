@@ -1,0 +1,64 @@
+"""Backbones: torchvision's layout and sizes, truncation, taps, checkpoints."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyad.backbones import URLS, Backbone
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet_from_tflite.pth"
+
+# torchvision's parameter counts (classifier included), from its model docs
+PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "mobilenet_v2": 3_504_872,
+}
+HEAD = {"mobilenet_v2": 1280 * 1000 + 1000, "resnet18": 512 * 1000 + 1000, "resnet34": 512 * 1000 + 1000}
+
+
+@pytest.mark.parametrize("name", sorted(URLS))
+def test_full_network_has_torchvision_parameter_count(name):
+    deepest = ("features.18",) if name == "mobilenet_v2" else ("layer4",)
+    net = Backbone(name, deepest)
+    n = sum(p.numel() for p in net.parameters())
+    assert n + HEAD.get(name, 2048 * 1000 + 1000) == PARAMS[name]
+
+
+def test_truncation_builds_only_what_is_tapped():
+    full = Backbone("resnet18", ("layer4",))
+    short = Backbone("resnet18", ("layer2",))
+    assert sum(p.numel() for p in short.parameters()) < sum(p.numel() for p in full.parameters()) / 10
+    assert not any(k.startswith("body.layer3") for k in short.state_dict())
+
+
+def test_taps_and_grey_input():
+    net = Backbone("wide_resnet50_2", ("layer3", "layer2"))
+    out = net(torch.randn(2, 1, 64, 64))
+    assert list(out) == ["layer3", "layer2"]
+    assert out["layer2"].shape == (2, 512, 8, 8) and out["layer3"].shape == (2, 1024, 4, 4)
+    with pytest.raises(ValueError, match="layers"):
+        Backbone("resnet18", ("layer5",))
+    with pytest.raises(ValueError, match="backbone"):
+        Backbone("vgg16")
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared MobileNetV2 checkpoint absent")
+def test_real_mobilenet_checkpoint_loads_every_tensor():
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    net = Backbone("mobilenet_v2", ("features.18",), WEIGHTS)
+    ours = {k.split(".", 1)[1] for k in net.state_dict()}
+    assert ours == {k for k in state if k.startswith("features.")}
+    assert net.weights_id == "sha256:7a5f36ebf431c0d220561aee88aa06b94d4c5625d1e9328076f237efe2887568"
+
+
+def test_missing_weights_are_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Backbone("resnet18", ("layer2",), tmp_path / "nope.pth")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="lacks"):
+        Backbone("resnet18", ("layer2",), tmp_path / "partial.pth")

@@ -41,3 +41,14 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def pytest_terminal_summary(terminalreporter):
+    import sys
+
+    mod = sys.modules.get("test_bottle")
+    lines = mod.pytest_terminal_summary_lines() if mod else []
+    if lines:
+        terminalreporter.write_sep("-", "MVTec AD bottle")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -62,3 +62,22 @@ def test_missing_weights_are_a_clear_error(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="lacks"):
         Backbone("resnet18", ("layer2",), tmp_path / "partial.pth")
+
+
+def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match=r"resnet18-f37072fd\.pth.*hub/checkpoints"):
+        Backbone("resnet18", ("layer2",), "imagenet")
+    # a checkpoint already in the cache is used without any download
+    full = Backbone("resnet18", ("layer4",))
+    state = {k.split(".", 1)[1]: v for k, v in full.state_dict().items()}
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    net = Backbone("resnet18", ("layer2",), "imagenet")
+    assert net.weights_id.startswith("sha256:")
+    torch.testing.assert_close(net.state_dict()["body.conv1.weight"], full.state_dict()["body.conv1.weight"])

@@ -76,7 +76,7 @@ def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch):
     # a checkpoint already in the cache is used without any download
     full = Backbone("resnet18", ("layer4",))
     state = {k.split(".", 1)[1]: v for k, v in full.state_dict().items()}
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)  # the failed attempt made it
     torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     net = Backbone("resnet18", ("layer2",), "imagenet")
     assert net.weights_id.startswith("sha256:")

@@ -98,14 +98,33 @@ def _is_tensor(x) -> bool:
 
 
 def batches(source, size: int) -> Iterator[list[np.ndarray]]:
-    batch: list[np.ndarray] = []
-    for img in iter_images(source):
-        batch.append(img)
-        if len(batch) == size:
+    """Lists of up to ``size`` images. Files are decoded by two background
+    threads, one batch ahead (PIL releases the GIL while decoding)."""
+    paths = None
+    if isinstance(source, (str, os.PathLike)):
+        paths = list_images(source)
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+        paths = list(source)
+    if paths is None:
+        batch: list[np.ndarray] = []
+        for img in iter_images(source):
+            batch.append(img)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
             yield batch
-            batch = []
-    if batch:
-        yield batch
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(lambda g: [read_image(p) for p in g], groups[0])]
+        for i in range(len(groups)):
+            if i + 1 < len(groups):
+                pending.append(pool.submit(lambda g: [read_image(p) for p in g], groups[i + 1]))
+            yield pending[i].result()
+            pending[i] = None
 
 
 def count(source) -> int | None:

@@ -98,6 +98,9 @@ def test_padim_matches_dense_inverse_covariance(data):
     m = torch.einsum("pni,pij,pnj->pn", z, torch.linalg.inv(cov), z).sqrt().T.reshape(-1, *size).numpy()
     full = blur_upsample(m, 56)
     np.testing.assert_allclose(pred.scores, full.reshape(len(full), -1).max(1), rtol=1e-4)
+    pre = Preprocess(64, 56)
+    want = np.stack([pre.restore(x.astype(np.float32), (72, 72)) for x in full])
+    np.testing.assert_allclose(pred.maps, want, rtol=1e-4, atol=1e-4 * want.max())
 
 
 def test_spade_matches_brute_force(data):

@@ -130,10 +130,15 @@ class Detector:
     def _pre(self) -> imgs.Preprocess:
         return imgs.Preprocess(self.image_size, self.crop_size)
 
-    def _features(self, batch: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def _features(self, batch: list[np.ndarray], clock: "_Clock | None" = None) -> dict[str, torch.Tensor]:
         x = self._pre(batch).to(self.device)
+        if clock:
+            clock.lap("preprocess")
         with torch.inference_mode():
-            return {k: v.float().cpu() for k, v in self._network()(x).items()}
+            out = {k: v.float().cpu() for k, v in self._network()(x).items()}
+        if clock:
+            clock.lap("backbone")
+        return out
 
     # -- fit --------------------------------------------------------------------
     def fit(self, train) -> "Detector":
@@ -194,16 +199,30 @@ class Detector:
         if not hasattr(self, "n_train_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) or pyad.load(path) first")
 
-    def predict(self, images) -> Prediction:
-        """Scores, maps at each image's resolution and labels (see the module doc)."""
+    def predict(self, images, stage_times: dict | None = None) -> Prediction:
+        """Scores, maps at each image's resolution and labels (see the module doc).
+
+        ``stage_times``: a dict that receives the seconds spent per stage (seed
+        003 §3.4): read, preprocess, backbone, embedding, search, map.
+        """
         self._fitted()
         state = self._get_state()
+        clock = _Clock(stage_times) if stage_times is not None else None
         scores, maps = [], []
         for batch in imgs.batches(images, self.batch_size):
-            s, patch_maps = self._score(state, self._embed(self._features(batch)))
-            full = self._upsample(patch_maps)
+            if clock:
+                clock.lap("read")
+            emb = self._embed(self._features(batch, clock))
+            if clock:
+                clock.lap("embedding")
+            s, patch_maps = self._score(state, emb)
+            if clock:
+                clock.lap("search")
+            full = patch_maps if patch_maps.shape[-1] == self._pre.size else self._upsample(patch_maps)
             scores.append(s)
             maps += [self._pre.restore(m, img.shape[:2]) for m, img in zip(full, batch)]
+            if clock:
+                clock.lap("map")
         scores = np.concatenate(scores).astype(np.float32)
         same = len({m.shape for m in maps}) == 1
         labels = None if self.threshold_ is None else scores > self.threshold_
@@ -253,6 +272,22 @@ class Detector:
     def _score(self, state, emb) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
     def _arrays(self) -> dict: raise NotImplementedError
     def _load_arrays(self, arrays: dict) -> None: raise NotImplementedError
+
+
+class _Clock:
+    """Accumulates perf_counter laps into a dict of stage -> seconds."""
+
+    def __init__(self, into: dict):
+        import time
+
+        self._now = time.perf_counter
+        self.into = into
+        self.t = self._now()
+
+    def lap(self, stage: str) -> None:
+        t = self._now()
+        self.into[stage] = self.into.get(stage, 0.0) + t - self.t
+        self.t = t
 
 
 def load(path) -> Detector:

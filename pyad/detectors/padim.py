@@ -45,12 +45,14 @@ class PaDiM(Detector):
         _check(self.factor_dtype in ("float32", "float16"), "factor_dtype", "'float32' or 'float16'", self.factor_dtype)
 
     def _embed(self, feats):
-        """{layer: [B, C, h, w]} -> [B, P, d] on the first layer's grid."""
+        """{layer: [B, C, h, w]} -> [B, P, d] on the first layer's grid.
+
+        The random channel subset is taken before the nearest upsampling (the
+        same result as upsampling everything first, for a fraction of the work)."""
         maps = [feats[name] for name in self.layers]
         size = maps[0].shape[-2:]
-        cat = torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps], 1)
         if not hasattr(self, "channels_"):
-            total = cat.shape[1]
+            total = sum(m.shape[1] for m in maps)
             n = N_FEATURES.get(self.backbone) if self.n_features == "auto" else self.n_features
             n = total if n is None else n
             if n > total:
@@ -58,7 +60,15 @@ class PaDiM(Detector):
             rng = np.random.default_rng(self.seed)
             self.channels_ = np.sort(rng.choice(total, n, replace=False)) if n < total else np.arange(total)
             self.grid_ = tuple(size)
-        x = cat[:, torch.from_numpy(self.channels_)]
+        parts, start = [], 0
+        for m in maps:
+            c = m.shape[1]
+            sel = self.channels_[(self.channels_ >= start) & (self.channels_ < start + c)] - start
+            start += c
+            if len(sel):
+                m = m[:, torch.from_numpy(sel)]
+                parts.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
+        x = torch.cat(parts, 1)
         return x.flatten(2).transpose(1, 2).contiguous().numpy()
 
     def _begin_fit(self):

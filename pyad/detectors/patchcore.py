@@ -49,7 +49,9 @@ class PatchCore(Detector):
     reweight_neighbors: b of the paper's §3.3 image-score reweighting; None
         keeps the official maximum.
     memory_budget_gb: above this many GB of patch features the unsampled bank
-        is held in float16 (selection runs on projected float32 features).
+        is held in float16 (selection runs on projected float32 features). The
+        bank is held once: fitting needs about (1 + projection_dim / D) x the
+        bank's bytes (x 1/2 over budget) plus the backbone.
     """
 
     _state = ("memory_bank_",)
@@ -112,38 +114,56 @@ class PatchCore(Detector):
         return K.channel_pool(cat, self.target_dim) if self.target_dim else cat
 
     # -- fitting ----------------------------------------------------------------
+    # Patch features are kept per batch and projected as they arrive; selection
+    # runs on the projected rows and only the selected rows are gathered, so the
+    # unsampled bank is never copied (peak memory: the bank once, plus its
+    # 128-d projection).
     def _begin_fit(self):
-        self._parts, self._holdmask, self._bytes = [], [], 0
+        self._parts, self._proj, self._holdmask, self._bytes = [], [], [], 0
+
+    def _projects(self, d: int) -> bool:
+        return bool(self.projection_dim) and self.projection_dim < d
 
     def _collect(self, emb, mask):
-        flat = emb.reshape(len(emb), -1, emb.shape[-1])
+        flat = emb.reshape(-1, emb.shape[-1])
         self._bytes += flat.nbytes
         if self._bytes > self.memory_budget_gb * 2**30 and self._parts and self._parts[0].dtype != np.float16:
             self._parts = [q.astype(np.float16) for q in self._parts]  # over budget: hold the bank in half
-        self._parts.append(flat.astype(self._parts[0].dtype if self._parts else np.float32))
-        self._holdmask.append(mask)
+        if self._projects(flat.shape[1]):
+            self._proj.append(K.random_projection(flat, self.projection_dim, seed=self.seed))
+        self._parts.append(flat.astype(self._parts[0].dtype) if self._parts else flat)
+        self._holdmask.append(np.repeat(mask, len(flat) // len(mask)))
 
     def _take(self, emb, mask):
         return emb[mask]
 
     def _finish(self, exclude_holdout):
-        parts = [q[~m] if exclude_holdout else q for q, m in zip(self._parts, self._holdmask)]
-        feats = np.concatenate([q.reshape(-1, q.shape[-1]) for q in parts])
+        held = np.concatenate(self._holdmask)
+        rows = np.flatnonzero(~held) if exclude_holdout else np.arange(len(held))
+        k = min(len(rows), self.memory_bank_size or max(1, int(len(rows) * self.coreset_ratio)))
+        if k < len(rows):
+            d = self._parts[0].shape[1]
+            space = np.concatenate(self._proj) if self._projects(d) else np.concatenate(self._parts)
+            rows = rows[self._select(np.ascontiguousarray(space[rows], dtype=np.float32), k)]
+        bank = self._gather(rows)
         if not exclude_holdout:
-            del self._parts, self._holdmask
-        m = len(feats)
-        k = min(m, self.memory_bank_size or max(1, int(m * self.coreset_ratio)))
-        if k < m:
-            feats = feats[self._select(feats, k)]
-        return self._index(np.ascontiguousarray(feats, dtype=np.float32))
+            del self._parts, self._proj, self._holdmask
+        return self._index(bank)
 
-    def _select(self, feats: np.ndarray, k: int) -> np.ndarray:
-        """ApproximateGreedyCoresetSampler: project, start from the point with the
-        largest mean distance to ``coreset_starts`` random points, then greedy."""
-        proj = feats
-        if self.projection_dim and self.projection_dim < feats.shape[1]:
-            proj = K.random_projection(feats, self.projection_dim, seed=self.seed)
-        proj = np.ascontiguousarray(proj, dtype=np.float32)
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the per-batch feature parts, in the order given, as float32."""
+        offsets = np.cumsum([0] + [len(q) for q in self._parts])
+        part = np.searchsorted(offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self._parts[0].shape[1]), np.float32)
+        for i in np.unique(part):
+            at = np.flatnonzero(part == i)
+            out[at] = self._parts[i][rows[at] - offsets[i]]
+        return out
+
+    def _select(self, proj: np.ndarray, k: int) -> np.ndarray:
+        """ApproximateGreedyCoresetSampler on (projected) features: start from the
+        point with the largest mean distance to ``coreset_starts`` random points,
+        then greedy farthest-point selection."""
         if not self.coreset_starts:
             return K.greedy_coreset(proj, k, 0, storage=self.coreset_storage)
         rng = np.random.default_rng(self.seed)

@@ -78,8 +78,11 @@ def _cast_factor(a: np.ndarray, dtype: str) -> np.ndarray:
 class GaussianAccumulator:
     """Streaming fit: ``update(batch)`` any number of times, then ``finalize()``.
 
-    Uses Chan et al.'s pairwise update of mean and scatter matrix in float64,
-    so the result equals the one-shot sample covariance whatever the batching.
+    Holds shifted sums in float64 (shift K = the first batch's mean): S1 = Σ(x-K)
+    and the packed S2 = Σ(x-K)(x-K)ᵀ, so mean = K + S1/n and scatter = S2 - S1S1ᵀ/n
+    with little cancellation (K is close to the mean). Each batch costs one float32
+    GEMM per position; the result equals the one-shot sample covariance whatever
+    the batching (tested). ``merge`` combines two accumulators (Chan et al.).
     """
 
     def __init__(self, eps: float = 0.01, dtype: str = "float32"):
@@ -88,72 +91,105 @@ class GaussianAccumulator:
         self.eps = float(eps)
         self.dtype = _validate.choice(dtype, "dtype", _DTYPES)
         self.count = 0
-        self._mean: np.ndarray | None = None  # [P, d] float64
-        self._scatter: np.ndarray | None = None  # [P, d(d+1)/2] float64, packed
+        self._shift: np.ndarray | None = None  # [P, d] float64 (a float32 value)
+        self._s1: np.ndarray | None = None  # [P, d] float64
+        self._s2: np.ndarray | None = None  # [P, d(d+1)/2] float64, packed
 
     def update(self, batch) -> "GaussianAccumulator":
         """Add ``batch`` [n, P, d] of features (n images, P positions, d channels)."""
-        x = _validate.array(batch, "batch", 3, dtype=np.float64)
+        x = _validate.array(batch, "batch", 3)
         n, p, d = x.shape
-        if self._mean is None:
-            self._mean = np.zeros((p, d))
-            self._scatter = np.zeros((p, d * (d + 1) // 2))
-        elif self._mean.shape != (p, d):
-            raise ValueError(f"batch: expected [n, {self._mean.shape[0]}, {self._mean.shape[1]}], got {x.shape}")
-        rows, cols = np.tril_indices(d)
-        bmean = x.mean(axis=0)
-        delta = bmean - self._mean
-        total = self.count + n
-        step = max(1, _CHUNK_BYTES // (8 * d * max(d, n)))
+        if self._shift is None:
+            self._shift = x.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64)
+            self._s1 = np.zeros((p, d))
+            self._s2 = np.zeros((p, d * (d + 1) // 2))
+        elif self._shift.shape != (p, d):
+            raise ValueError(f"batch: expected [n, {self._shift.shape[0]}, {self._shift.shape[1]}], got {x.shape}")
+        y = x - self._shift.astype(np.float32)
+        self._s1 += y.sum(axis=0, dtype=np.float64)
+        flat = _packed_index(d)
+        step = max(1, _CHUNK_BYTES // (4 * d * max(d, n)))
         for q0 in range(0, p, step):
             q = slice(q0, q0 + step)
-            xc = (x[:, q] - bmean[q]).transpose(1, 0, 2)  # [c, n, d]
-            s = xc.transpose(0, 2, 1) @ xc  # [c, d, d] batch scatter
-            s += np.einsum("pi,pj->pij", delta[q], delta[q]) * (self.count * n / total)
-            self._scatter[q] += s[:, rows, cols]
-        self._mean += delta * (n / total)
-        self.count = total
+            yc = np.ascontiguousarray(y[:, q].transpose(1, 0, 2))  # [c, n, d]
+            g = (yc.transpose(0, 2, 1) @ yc).reshape(len(yc), d * d)
+            self._s2[q] += np.take(g, flat, axis=1)
+        self.count += n
         return self
+
+    def _moments(self, q=slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [c, d], packed scatter [c, T]) of positions ``q``, float64."""
+        d = self._shift.shape[1]
+        rows, cols = np.tril_indices(d)
+        s1 = self._s1[q]
+        return self._shift[q] + s1 / self.count, self._s2[q] - s1[:, rows] * s1[:, cols] / self.count
 
     def merge(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
         """A new accumulator holding the statistics of both (Chan et al.)."""
+        parts = [a for a in (self, other) if a.count]
         out = GaussianAccumulator(self.eps, self.dtype)
-        for acc in (self, other):
-            if acc._mean is None:
-                continue
-            if out._mean is None:
-                out._mean, out._scatter, out.count = acc._mean.copy(), acc._scatter.copy(), acc.count
-                continue
-            n_a, n_b = out.count, acc.count
-            delta = acc._mean - out._mean
+        if not parts:
+            return out
+        mean, scatter = parts[0]._moments()
+        count = parts[0].count
+        for acc in parts[1:]:
+            m_b, s_b = acc._moments()
+            delta = m_b - mean
             rows, cols = np.tril_indices(delta.shape[1])
-            out._scatter += acc._scatter + (delta[:, rows] * delta[:, cols]) * (n_a * n_b / (n_a + n_b))
-            out._mean += delta * (n_b / (n_a + n_b))
-            out.count = n_a + n_b
+            scatter = scatter + s_b + (delta[:, rows] * delta[:, cols]) * (count * acc.count / (count + acc.count))
+            mean = mean + delta * (acc.count / (count + acc.count))
+            count += acc.count
+        out._shift, out._s1, out._s2, out.count = mean, np.zeros_like(mean), scatter, count
         return out
 
     def finalize(self) -> GaussianModel:
         """The fitted model: Σ = scatter/(N-1) + eps·I, factor A = L⁻¹."""
-        if self._mean is None or self.count < 2:
+        if self._shift is None or self.count < 2:
             raise ValueError("features: need at least 2 images to estimate a covariance")
-        p, d = self._mean.shape
+        p, d = self._shift.shape
         rows, cols = np.tril_indices(d)
         factor = np.empty((p, d * (d + 1) // 2), dtype=self.dtype)
+        mean = np.empty((p, d), dtype=np.float32)
         step = max(1, _CHUNK_BYTES // (8 * d * d))
         eye = np.eye(d) * self.eps
         for q0 in range(0, p, step):
             q = slice(q0, q0 + step)
-            cov = np.zeros((len(self._scatter[q]), d, d))
-            cov[:, rows, cols] = self._scatter[q]
+            m, scatter = self._moments(q)
+            mean[q] = m
+            cov = np.zeros((len(scatter), d, d))
+            cov[:, rows, cols] = scatter
             cov = cov + np.tril(cov, -1).transpose(0, 2, 1)
             cov = cov / (self.count - 1) + eye
-            try:
-                chol = np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                raise ValueError("eps: covariance is not positive definite; use eps > 0") from None
-            a = np.linalg.inv(chol)
+            a = _inverse_cholesky(cov)
             factor[q] = _cast_factor(a[:, rows, cols], self.dtype)
-        return GaussianModel(self._mean.astype(np.float32), factor, self.eps, self.count)
+        return GaussianModel(mean, factor, self.eps, self.count)
+
+
+def _packed_index(d: int) -> np.ndarray:
+    """Flat indices of the lower triangle of a d x d matrix, row by row."""
+    rows, cols = np.tril_indices(d)
+    return rows * d + cols
+
+
+def _inverse_cholesky(cov: np.ndarray) -> np.ndarray:
+    """A = L⁻¹ with cov = L Lᵀ, batched [c, d, d] float64. torch's batched LAPACK
+    calls when torch is importable (several times faster), NumPy otherwise."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of pyad
+        torch = None
+    if torch is not None:
+        t = torch.from_numpy(cov)
+        chol, info = torch.linalg.cholesky_ex(t)
+        if bool((info != 0).any()):
+            raise ValueError("eps: covariance is not positive definite; use eps > 0")
+        eye = torch.eye(cov.shape[1], dtype=t.dtype).expand_as(t)
+        return torch.linalg.solve_triangular(chol, eye, upper=False).numpy()
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise ValueError("eps: covariance is not positive definite; use eps > 0") from None
+    return np.linalg.inv(chol)
 
 
 def gaussian_fit(features, eps: float = 0.01, dtype: str = "float32") -> GaussianModel:

@@ -212,43 +212,24 @@ static void mahalanobis_f16(const float* x, int64_t n, int64_t p, int64_t d, con
 // next centre; ties go to the lowest index; a selected point is marked with a
 // negative distance so it is never taken again (k = M gives a permutation).
 // ---------------------------------------------------------------------------
-static inline float sqdist(const float* a, const float* c, int64_t d) {
+// Squared distance of a stored row (float or half) to a float centre.
+template <class T>
+static inline float sqdist(const T* a, const float* c, int64_t d) {
     V::reg s0 = V::zero(), s1 = V::zero();
     int64_t j = 0;
     for (; j + 2 * V::W <= d; j += 2 * V::W) {
-        V::reg t0 = V::sub(V::load(a + j), V::load(c + j));
-        V::reg t1 = V::sub(V::load(a + j + V::W), V::load(c + j + V::W));
+        V::reg t0 = V::sub(ld(a + j), V::load(c + j));
+        V::reg t1 = V::sub(ld(a + j + V::W), V::load(c + j + V::W));
         s0 = V::fma(t0, t0, s0);
         s1 = V::fma(t1, t1, s1);
     }
     for (; j + V::W <= d; j += V::W) {
-        V::reg t0 = V::sub(V::load(a + j), V::load(c + j));
+        V::reg t0 = V::sub(ld(a + j), V::load(c + j));
         s0 = V::fma(t0, t0, s0);
     }
     float s = V::hsum(V::add(s0, s1));
     for (; j < d; ++j) {
-        float t = a[j] - c[j];
-        s += t * t;
-    }
-    return s;
-}
-
-static inline float sqdist(const uint16_t* a, const float* c, int64_t d) {
-    V::reg s0 = V::zero(), s1 = V::zero();
-    int64_t j = 0;
-    for (; j + 2 * V::W <= d; j += 2 * V::W) {
-        V::reg t0 = V::sub(V::load_h(a + j), V::load(c + j));
-        V::reg t1 = V::sub(V::load_h(a + j + V::W), V::load(c + j + V::W));
-        s0 = V::fma(t0, t0, s0);
-        s1 = V::fma(t1, t1, s1);
-    }
-    for (; j + V::W <= d; j += V::W) {
-        V::reg t0 = V::sub(V::load_h(a + j), V::load(c + j));
-        s0 = V::fma(t0, t0, s0);
-    }
-    float s = V::hsum(V::add(s0, s1));
-    for (; j < d; ++j) {
-        float t = half_to_float(a[j]) - c[j];
+        float t = tof(a[j]) - c[j];
         s += t * t;
     }
     return s;

@@ -61,9 +61,6 @@ class Detector:
     """Shared plumbing. Subclasses implement ``_embed``, ``_collect``,
     ``_finish`` and ``_score`` (see PatchCore for the contract)."""
 
-    #: learned arrays saved by ``save`` (besides threshold_)
-    _state: tuple[str, ...] = ()
-
     def __init__(self, *, backbone, weights, layers, image_size, crop_size, device, batch_size, seed,
                  threshold_quantile, threshold_holdout, blur_sigma):
         self.backbone = backbone
@@ -265,7 +262,9 @@ class Detector:
     def _begin_fit(self) -> None: ...
     def _embed(self, feats: dict[str, torch.Tensor]): raise NotImplementedError
     def _collect(self, emb, holdout_mask: np.ndarray) -> None: raise NotImplementedError
-    def _take(self, emb, mask: np.ndarray): raise NotImplementedError
+    def _take(self, emb, mask: np.ndarray):
+        """The held-out images' part of a batch's embedding."""
+        return emb[mask]
     def _finish(self, exclude_holdout: bool): raise NotImplementedError
     def _set_state(self, state) -> None: raise NotImplementedError
     def _get_state(self): raise NotImplementedError

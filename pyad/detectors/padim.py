@@ -85,9 +85,6 @@ class PaDiM(Detector):
         if mask.any():
             self._held.append(emb[mask])  # streamed in after the threshold is set
 
-    def _take(self, emb, mask):
-        return emb[mask]
-
     def _finish(self, exclude_holdout):
         if exclude_holdout:
             return self._acc.finalize()

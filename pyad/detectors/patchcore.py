@@ -54,8 +54,6 @@ class PatchCore(Detector):
         bank's bytes (x 1/2 over budget) plus the backbone.
     """
 
-    _state = ("memory_bank_",)
-
     def __init__(self, backbone="wide_resnet50_2", weights="imagenet", layers=("layer2", "layer3"),
                  image_size=256, crop_size=224, pooling="unfold", patch_size=3, patch_stride=1, patch_padding=None,
                  embed_dim=1024, target_dim=1024, coreset_ratio=0.1, memory_bank_size=None, projection_dim=128,
@@ -133,9 +131,6 @@ class PatchCore(Detector):
             self._proj.append(K.random_projection(flat, self.projection_dim, seed=self.seed))
         self._parts.append(flat.astype(self._parts[0].dtype) if self._parts else flat)
         self._holdmask.append(np.repeat(mask, len(flat) // len(mask)))
-
-    def _take(self, emb, mask):
-        return emb[mask]
 
     def _finish(self, exclude_holdout):
         held = np.concatenate(self._holdmask)

@@ -82,6 +82,8 @@ def iter_images(source) -> Iterator[np.ndarray]:
     for i, item in enumerate(source):
         if isinstance(item, dict):
             item = item["image"]
+        elif hasattr(item, "path"):
+            item = item.path
         elif hasattr(item, "image"):
             item = item.image
         if isinstance(item, (str, os.PathLike)):
@@ -103,8 +105,10 @@ def batches(source, size: int) -> Iterator[list[np.ndarray]]:
     paths = None
     if isinstance(source, (str, os.PathLike)):
         paths = list_images(source)
-    elif isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
-        paths = list(source)
+    elif isinstance(source, (list, tuple)) and source:
+        found = [getattr(s, "path", s) for s in source]  # dataset samples carry their path
+        if all(isinstance(s, (str, os.PathLike)) for s in found):
+            paths = found
     if paths is None:
         batch: list[np.ndarray] = []
         for img in iter_images(source):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .. import _progress
 from .. import images as imgs
 from .. import modelfile
 from .._version import __version__
@@ -139,6 +139,7 @@ class Detector:
 
     # -- fit --------------------------------------------------------------------
     def fit(self, train) -> "Detector":
+        train = _split(train, "train")
         self._check_params()
         self._check_own_params()
         total = imgs.count(train)
@@ -148,7 +149,7 @@ class Detector:
             hold = set(rng.choice(total, max(1, int(round(total * self.threshold_holdout))), replace=False).tolist())
         self._begin_fit()
         seen, held = 0, []
-        bar = tqdm(total=total, desc=f"{type(self).__name__}: fitting", unit="img", disable=None, leave=False)
+        bar = _progress.bar(total=total, desc=f"{type(self).__name__}: fitting", unit="img")
         for batch in imgs.batches(train, self.batch_size):
             emb = self._embed(self._features(batch))
             mask = np.array([seen + i in hold for i in range(len(batch))])
@@ -172,23 +173,19 @@ class Detector:
         self.n_train_ = seen
         return self
 
-    def calibrate(self, images, labels) -> "Detector":
-        """Set the F1-optimal threshold from labelled images (labels: 1 = anomalous)."""
-        labels = np.asarray(labels).astype(bool)
+    def calibrate(self, images, labels=None) -> "Detector":
+        """Set the F1-optimal threshold from labelled images (labels: 1 = anomalous;
+        a pyad dataset brings its own test labels)."""
+        from ..datasets import Dataset
+        from ..metrics import f1_max
+
+        if isinstance(images, Dataset) and labels is None:
+            labels = [s.label for s in images.test]
         scores = self.predict(images).scores
-        if len(scores) != len(labels) or labels.all() or not labels.any():
-            raise ValueError("labels: expected one label per image, with both normal and anomalous images")
-        order = np.argsort(-scores, kind="stable")
-        s, y = scores[order], labels[order]
-        tp = np.cumsum(y)
-        fp = np.cumsum(~y)
-        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # thresholds at distinct scores
-        f1 = 2 * tp[last] / (tp[last] + fp[last] + y.sum())
-        best = int(np.argmax(f1))
-        cut = last[best]  # label anomalous the images scoring >= s[cut]: threshold just below it
-        below = s[cut + 1] if cut + 1 < len(s) else -np.inf
-        self.threshold_ = float((s[cut] + below) / 2 if np.isfinite(below) else np.nextafter(s[cut], -np.inf))
-        self.threshold_rule_ = f"F1-optimal on {len(labels)} labelled images (F1 = {f1[best]:.4f})"
+        if labels is None or len(labels) != len(scores):
+            raise ValueError(f"labels: expected one label per image ({len(scores)})")
+        f1, self.threshold_ = f1_max(labels, scores)
+        self.threshold_rule_ = f"F1-optimal on {len(scores)} labelled images (F1 = {f1:.4f})"
         return self
 
     # -- predict ----------------------------------------------------------------
@@ -203,6 +200,7 @@ class Detector:
         003 §3.4): read, preprocess, backbone, embedding, search, map.
         """
         self._fitted()
+        images = _split(images, "test")
         state = self._get_state()
         clock = _Clock(stage_times) if stage_times is not None else None
         scores, maps = [], []
@@ -271,6 +269,18 @@ class Detector:
     def _score(self, state, emb) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
     def _arrays(self) -> dict: raise NotImplementedError
     def _load_arrays(self, arrays: dict) -> None: raise NotImplementedError
+
+
+def _split(source, which: str):
+    """A pyad dataset stands for its training images in fit, its test images in predict."""
+    from ..datasets import Dataset
+
+    if isinstance(source, Dataset):
+        samples = getattr(source, which)
+        if not samples:
+            raise ValueError(f"images: dataset {source.name!r} has no {which} images")
+        return samples
+    return source
 
 
 class _Clock:

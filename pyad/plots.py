@@ -1,0 +1,147 @@
+"""Pictures: heat-map overlays, defect grids (image | ground truth | heat map |
+predicted mask), ROC and PR curves.
+
+Overlays and grids need only Pillow. Curves need matplotlib, an optional extra
+(``pip install "pyad[plot]"``); without it ``curves`` raises ImportError with
+that hint and the CLI says so and carries on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import metrics as M
+
+MATPLOTLIB_HINT = 'ROC/PR plots need matplotlib: pip install "pyad[plot]" (or pip install matplotlib)'
+
+
+def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """[H, W] -> [H, W, 3] uint8 with the 'jet' colour map (blue = low, red = high)."""
+    t = np.clip((np.asarray(amap, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    r = np.clip(1.5 - np.abs(4 * t - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * t - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * t - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """The heat map blended over the image ([H, W, 3] uint8; map at the image's size)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, -1)
+    if image.shape[:2] != amap.shape:
+        raise ValueError(f"amap: expected the image's size {image.shape[:2]}, got {amap.shape}")
+    mixed = (1 - alpha) * image[..., :3].astype(np.float32) + alpha * colorize(amap, vmin, vmax)
+    return (mixed + 0.5).astype(np.uint8)
+
+
+def contour(image: np.ndarray, mask: np.ndarray, color=(255, 255, 0)) -> np.ndarray:
+    """The image with the mask's outline drawn in ``color``."""
+    m = np.asarray(mask, bool)
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    out = np.array(image, copy=True)
+    out[edge] = color
+    return out
+
+
+def _cell(a: np.ndarray, size: int) -> Image.Image:
+    im = Image.fromarray(a if a.dtype == np.uint8 else (np.clip(a, 0, 1) * 255).astype(np.uint8))
+    return im.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
+def grid(rows: list[list[np.ndarray]], titles: list[str], labels: list[str] | None = None, size: int = 192) -> Image.Image:
+    """Rows of equally many pictures ([H, W, 3] uint8 or [H, W] bool/float in [0, 1]),
+    column titles on top and an optional label per row."""
+    cols = len(titles)
+    pad, head = 4, 18
+    w = cols * (size + pad) + pad
+    h = head + len(rows) * (size + pad + (14 if labels else 0)) + pad
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, t in enumerate(titles):
+        draw.text((pad + c * (size + pad) + 4, 3), t, fill=(0, 0, 0))
+    y = head
+    for r, row in enumerate(rows):
+        if labels:
+            draw.text((pad + 2, y), labels[r], fill=(0, 0, 0))
+            y += 14
+        for c, a in enumerate(row):
+            canvas.paste(_cell(np.asarray(a), size), (pad + c * (size + pad), y))
+        y += size + pad
+    return canvas
+
+
+def category_pictures(out: Path, ds, pred, masks, labels, threshold: float | None, per_defect: int = 6) -> list[Path]:
+    """One grid per defect type (image | ground truth | heat map | predicted mask)
+    and, with matplotlib, ``curves.png``. Colours share one scale per category
+    (the 1st to 99.9th percentile of all test maps); the predicted mask uses the
+    pixel-level F1-optimal threshold when masks exist, else the detector's."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    maps = list(pred.maps)
+    sample = np.concatenate([m.ravel()[:: max(1, m.size // 20000)] for m in maps])
+    vmin, vmax = (float(v) for v in np.percentile(sample, [1, 99.9]))
+    pixel_threshold = threshold
+    if masks is not None:
+        _, pixel_threshold = M.f1_max(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    written = []
+    for defect in ds.defects:
+        idx = [i for i, s in enumerate(ds.test) if s.defect == defect][:per_defect]
+        rows, names = [], []
+        for i in idx:
+            s = ds.test[i]
+            img = s.image
+            gt = masks[i] if masks is not None else np.zeros(img.shape[:2], bool)
+            pm = maps[i] > pixel_threshold if pixel_threshold is not None else np.zeros(img.shape[:2], bool)
+            rows.append([contour(img, gt), gt, overlay(img, maps[i], vmin, vmax), pm])
+            names.append(f"{s.path.name}  score {pred.scores[i]:.3g}"
+                         + ("" if pred.labels is None else ("  -> anomalous" if pred.labels[i] else "  -> normal")))
+        path = out / f"defects_{defect}.png"
+        grid(rows, ["image", "ground truth", "heat map", "predicted mask"], names).save(path)
+        written.append(path)
+    try:
+        written.append(curves(out / "curves.png", labels, pred.scores, masks, maps, title=ds.name))
+    except ImportError:
+        pass
+    return written
+
+
+def curves(path, labels, scores, masks=None, maps=None, title: str = "") -> Path:
+    """ROC and PR curves of the image scores (and the pixel ROC when masks are given)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(MATPLOTLIB_HINT) from None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    fpr, tpr, _ = M.roc_curve(labels, scores)
+    axes[0].plot(fpr, tpr, label=f"image (AUROC {M.image_auroc(labels, scores):.3f})")
+    if masks is not None:
+        y = np.concatenate([m.ravel() for m in masks])
+        s = np.concatenate([m.ravel() for m in maps])
+        pf, pt, _ = M.roc_curve(y, s)
+        keep = np.unique(np.linspace(0, pf.size - 1, 2000).astype(int))  # thin to draw
+        axes[0].plot(pf[keep], pt[keep], label=f"pixel (AUROC {M.pixel_auroc(masks, maps):.3f})")
+    axes[0].plot([0, 1], [0, 1], ":", color="grey")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    p, r, _ = M.pr_curve(labels, scores)
+    axes[1].plot(r, p, label=f"image (F1-max {M.f1_max(labels, scores)[0]:.3f})")
+    axes[1].set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    for ax in axes:
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_overlay(path, image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> None:
+    Image.fromarray(overlay(image, amap, vmin, vmax)).save(path)

@@ -8,6 +8,7 @@ defects. Scores follow one convention throughout: **higher = more anomalous**
     det = pyad.PatchCore().fit("bottle/train/good")
     pred = det.predict("bottle/test/broken_large")   # scores [N], maps [N, H, W], labels [N]
     det.save("bottle.pyad"); det = pyad.load("bottle.pyad")
+    report = pyad.evaluate(pyad.PatchCore(), pyad.datasets.mvtec_ad("mvtec_ad", "bottle"))
 
 Detectors are imported on first use, so ``import pyad`` loads neither torch nor
 numba.
@@ -17,13 +18,19 @@ from ._version import __version__
 from . import kernels
 
 _LAZY = {"PatchCore", "PaDiM", "SPADE", "Detector", "Prediction", "NotFittedError", "load", "REGISTRY"}
+_EVALUATION = {"evaluate", "latency", "Report"}
+_MODULES = {"datasets", "metrics", "evaluation", "plots", "backbones", "images"}
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        from . import detectors
+    import importlib
 
-        return getattr(detectors, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(".detectors", __name__), name)
+    if name in _EVALUATION:
+        return getattr(importlib.import_module(".evaluation", __name__), name)
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyad' has no attribute {name!r}")
 
 
@@ -32,4 +39,4 @@ def info() -> dict:
     return {"version": __version__, **kernels.info()}
 
 
-__all__ = ["__version__", "info", "kernels", *sorted(_LAZY)]
+__all__ = ["__version__", "info", "kernels", *sorted(_LAZY | _EVALUATION | _MODULES)]

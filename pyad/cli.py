@@ -1,4 +1,9 @@
-"""Command line: ``pyad info``, ``pyad demo``."""
+"""Command line: ``pyad demo | fit | predict | evaluate | bench | info | kernels``
+(also ``python -m pyad``). ``pyad <command> --help`` explains every option.
+
+Exit codes: 0 success; 2 bad usage or input (a message names the argument);
+1 an unexpected internal error (with its traceback); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,294 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = ("exit codes: 0 success; 2 bad usage or input (the message names the argument); "
+          "1 unexpected internal error; 130 interrupted")
 
 
-def _info(args: argparse.Namespace) -> int:
+# -- shared options ------------------------------------------------------------------------------
+def _detector_options(p: argparse.ArgumentParser, model_default: str = "PatchCore") -> None:
+    g = p.add_argument_group("detector")
+    g.add_argument("--model", default=model_default, metavar="NAME",
+                   help=f"detector: PatchCore, PaDiM or SPADE, case-insensitive (default {model_default})")
+    g.add_argument("--backbone", metavar="NAME",
+                   help="resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2, mobilenet_v2 "
+                        "(default: the detector's own, e.g. wide_resnet50_2 for PatchCore)")
+    g.add_argument("--weights", metavar="W",
+                   help="'imagenet' (official torchvision checkpoint, downloaded once, hash-checked), a path to a "
+                        "checkpoint in torchvision layout, or 'none' for seeded random init (default: the detector's)")
+    g.add_argument("--layers", metavar="L1,L2", help="comma-separated feature layers, e.g. layer2,layer3")
+    g.add_argument("--image-size", type=int, metavar="N", help="square resize before the network")
+    g.add_argument("--crop-size", metavar="N", help="centre crop after resizing, or 'none'")
+    g.add_argument("--device", metavar="DEV", help="cpu or cuda (default cpu)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    g.add_argument("--seed", type=int, metavar="N", help="seed for random init, subsampling and the held-out split")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other detector parameter, VALUE as JSON or a plain string, e.g. --set coreset_ratio=0.01 "
+                        "(repeatable)")
+
+
+def _make_detector(args):
     import pyad
 
-    print(json.dumps(pyad.info(), indent=2))
-    return 0
+    names = {k.lower(): k for k in pyad.REGISTRY}
+    if args.model.lower() not in names:
+        raise ValueError(f"--model: expected one of {', '.join(sorted(pyad.REGISTRY))}, got {args.model!r}")
+    cls = pyad.REGISTRY[names[args.model.lower()]]
+    params = {}
+    if args.backbone:
+        params["backbone"] = args.backbone
+    if args.weights:
+        params["weights"] = None if args.weights.lower() == "none" else args.weights
+    if args.layers:
+        params["layers"] = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    for key in ("image_size", "device", "batch_size", "seed"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if args.crop_size is not None:
+        params["crop_size"] = None if args.crop_size.lower() == "none" else _int(args.crop_size, "--crop-size")
+    known = cls._param_names()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--set: expected KEY=VALUE with KEY one of {', '.join(known)}; got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+        if isinstance(params[key], list):
+            params[key] = tuple(params[key])
+    det = cls(**params)
+    det._check_params()
+    det._check_own_params()
+    return det
 
 
-def _timed(fn, repeat: int = 3) -> tuple[float, object]:
-    fn()  # warm-up (JIT compilation, caches)
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer or 'none', got {text!r}") from None
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _datasets(data: str, categories: list[str] | None):
+    from . import datasets as D
+
+    root = Path(data)
+    if not root.exists():
+        raise ValueError(f"--data: {root} does not exist")
+    return D.load_all(root, categories or None)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    from .images import EXTENSIONS
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in EXTENSIONS)
+            if not found:
+                raise ValueError(f"images: no image files in {p}")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"images: {p} does not exist")
+    return out
+
+
+def _say(args, *lines) -> None:
+    if not args.quiet:
+        for line in lines:
+            print(line, flush=True)
+
+
+def _load_model(path: str):
+    import pyad
+
+    if not Path(path).is_file():
+        raise ValueError(f"model: {path} is not a file (make one with pyad fit)")
+    return pyad.load(path)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _info(args) -> int:
+    import pyad
+
+    info = pyad.info()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.is_available()
+        info["device"] = torch.cuda.get_device_name(0) if info["cuda"] else "cpu"
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        info["torch"] = None
+    print(json.dumps(info, indent=2))
+    return EXIT_OK
+
+
+def _fit(args) -> int:
+    from . import datasets as D
+
+    det = _make_detector(args)
+    root = Path(args.data)
+    if (root / "train").is_dir() or args.category:
+        train = D.load(root, args.category)
+        what = f"{train.name}: {len(train.train)} training images"
+    elif root.is_dir():
+        train = root
+        what = f"the images in {root}"
+    else:
+        raise ValueError(f"--data: {root} is not a folder")
+    _say(args, f"fitting {type(det).__name__} on {what}")
+    t0 = time.perf_counter()
+    det.fit(train)
+    det.save(args.out)
+    _say(args, f"fitted in {time.perf_counter() - t0:.1f} s; threshold {det.threshold_} ({det.threshold_rule_})",
+         f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from . import plots
+    from .images import read_image
+
+    det = _load_model(args.model)
+    paths = _expand(args.images)
+    pred = det.predict(paths)
+    rows = [{"path": str(p), "score": float(s), "anomalous": None if pred.labels is None else bool(l)}
+            for p, s, l in zip(paths, pred.scores, pred.labels if pred.labels is not None else [None] * len(paths))]
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        names = _unique_names(paths)
+        if args.format == "csv":
+            lines = ["path,score,anomalous"] + [f"{r['path']},{r['score']:.6g},{'' if r['anomalous'] is None else int(r['anomalous'])}" for r in rows]
+            (out / "scores.csv").write_text("\n".join(lines) + "\n")
+        else:
+            (out / "scores.json").write_text(json.dumps({"threshold": det.threshold_, "images": rows}, indent=1))
+        if not args.no_pictures:
+            maps = list(pred.maps)
+            vmin = float(min(m.min() for m in maps))
+            vmax = float(max(max(m.max() for m in maps), det.threshold_ if det.threshold_ is not None else -np.inf))
+            (out / "overlays").mkdir(exist_ok=True)
+            if det.threshold_ is not None:
+                (out / "masks").mkdir(exist_ok=True)
+            for p, name, m in zip(paths, names, maps):
+                plots.save_overlay(out / "overlays" / f"{name}.png", read_image(p), m, vmin, vmax)
+                if det.threshold_ is not None:
+                    from PIL import Image
+
+                    Image.fromarray(((m > det.threshold_) * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
+    if not args.quiet or not out:
+        for r in rows:
+            flag = "" if r["anomalous"] is None else ("  anomalous" if r["anomalous"] else "  normal")
+            print(f"{r['score']:12.5g}{flag}  {r['path']}")
+    if out:
+        _say(args, f"wrote {out}/scores.{args.format}" + ("" if args.no_pictures else f", {out}/overlays/"
+                                                            + (f", {out}/masks/" if det.threshold_ is not None else "")))
+    return EXIT_OK
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """File stems, prefixed by parent folders where stems repeat (test/good/000 vs test/crack/000)."""
+    names = [p.stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}_{p.stem}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i:05d}_{p.stem}" for i, p in enumerate(paths)]
+    return names
+
+
+def _evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    datasets = _datasets(args.data, args.category)
+    det = _load_model(args.load) if args.load else _make_detector(args)
+    if args.load and len(datasets) > 1:
+        raise ValueError("--load: a saved model belongs to one category; pass --category too")
+    _pictures_hint(args)
+    report = evaluate(det, datasets, out=args.out, pictures=not args.no_pictures)
+    print(report.to_markdown())
+    _say(args, f"wrote {args.out}/results.md, .csv, .json" + ("" if args.no_pictures else " and pictures"))
+    return EXIT_OK
+
+
+def _pictures_hint(args) -> None:
+    if args.no_pictures:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from .plots import MATPLOTLIB_HINT
+
+        print(f"pyad: note: {MATPLOTLIB_HINT}; heat-map grids are still written", file=sys.stderr)
+
+
+def _bench(args) -> int:
+    from .evaluation import benchmark_json, latency
+
+    det = _load_model(args.model)
+    paths = _expand(args.images)
+    sizes = [_int(b, "--batch-sizes") for b in args.batch_sizes.split(",")]
+    lat = latency(det, paths, warmup=args.warmup, runs=args.runs, batch_sizes=sizes, max_images=args.max_images)
+    _say(args, f"{type(det).__name__} ({det.backbone}), {len(lat.per_image)} images, {args.warmup} warm-up + "
+               f"{args.runs} timed runs each")
+    print(lat.to_markdown())
+    if args.json:
+        doc = benchmark_json(lat, f"{type(det).__name__}-{det.backbone}", {"model": str(args.model)})
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        _say(args, f"wrote {args.json} (pytest-benchmark format: pytest-benchmark compare {args.json})")
+    return EXIT_OK
+
+
+def _demo(args) -> int:
+    """The main job: fit and evaluate on the synthetic default or on --data."""
+    import tempfile
+
+    from . import datasets as D
+
+    if args.data:
+        _say(args, f"data: {args.data}")
+        return _demo_on(args, _datasets(args.data, args.category))
+    with tempfile.TemporaryDirectory(prefix="pyad-demo-") as tmp:
+        data_dir = Path(args.out) / "data" if args.keep_data else Path(tmp)
+        _say(args, f"data: a synthetic MVTec-layout dataset (texture + object; perlin and cut-paste defects with "
+                   f"exact masks) in {data_dir}" + ("" if args.keep_data else " (temporary; --keep-data keeps it)"))
+        return _demo_on(args, D.synthetic(data_dir, seed=args.seed or 0))
+
+
+def _demo_on(args, datasets) -> int:
+    from .evaluation import evaluate, latency
+
+    out = Path(args.out)
+    det = _make_detector(args)
+    weights = "random init (seed %d)" % det.seed if det.weights is None else det.weights
+    _say(args, f"model: {type(det).__name__}, backbone {det.backbone}, weights {weights}")
+    _pictures_hint(args)
+    t0 = time.perf_counter()
+    report = evaluate(det, datasets, out=out, pictures=not args.no_pictures)
+    print("\n" + report.to_markdown() + "\n")
+    last = datasets[-1]
+    one = type(det)(**det.get_params()).fit(last)
+    lat = latency(one, last.test, max_images=3)
+    print(f"latency on {last.name} (seed 003 §3.4 protocol: 3 warm-up + 5 timed runs on each of 3 images):")
+    print(lat.to_markdown() + "\n")
+    _say(args, f"done in {time.perf_counter() - t0:.0f} s; results and pictures in {out}/")
+    return EXIT_OK
+
+
+def _kernels(args) -> int:
     """Run every kernel on every available backend against the NumPy reference."""
+    import numpy as np
+
     import pyad
     from pyad import kernels as K
 
@@ -56,29 +326,102 @@ def _demo(args: argparse.Namespace) -> int:
         times, outs = [], []
         for b in backends:
             with K.use_backend(b):
-                t, out = _timed(job, 1 if b == "numpy" else 3)
+                job()  # warm-up (JIT compilation, caches)
+                t = float("inf")
+                for _ in range(1 if b == "numpy" else 3):
+                    t0 = time.perf_counter()
+                    out = job()
+                    t = min(t, time.perf_counter() - t0)
             times.append(t)
             outs.append(np.asarray(out, dtype=np.float64))
         diff = max(float(np.abs(o - outs[0]).max()) for o in outs[1:])
         print(f"{label:36s}" + "".join(f"{t * 1e3:10.1f}ms" for t in times) + f"   {diff:.2e}")
-    return 0
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no messages except results and errors")
+    parser = argparse.ArgumentParser(
+        prog="pyad", epilog=EPILOG,
+        description="Visual anomaly detection for industrial inspection: train on defect-free images, "
+                    "score new images (higher = more anomalous) and localise defects.")
+    parser.add_argument("--version", action="version", version=f"pyad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def cmd(name, func, help, description=None):
+        p = sub.add_parser(name, parents=[common], help=help, description=description or help, epilog=EPILOG)
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("demo", _demo, "the main job: fit and evaluate a detector on a synthetic MVTec-layout dataset (or --data), "
+                           "print the table, write pictures")
+    p.add_argument("--data", metavar="PATH", help="an MVTec AD / LOCO folder (dataset or one category) instead of "
+                                                  "the synthetic default")
+    p.add_argument("--category", action="append", metavar="NAME", help="only this category of --data (repeatable)")
+    p.add_argument("--out", default="pyad-demo", metavar="DIR", help="output folder (default ./pyad-demo)")
+    p.add_argument("--keep-data", action="store_true", help="write the synthetic dataset into DIR/data and keep it")
+    p.add_argument("--no-pictures", action="store_true", help="write tables only")
+    _detector_options(p)
+    p.set_defaults(backbone="resnet18", weights="none")
+
+    p = cmd("fit", _fit, "fit a detector and save it to one file")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="an MVTec-layout category folder (its train/good is used), a dataset folder with --category, "
+                        "or a plain folder of defect-free images")
+    p.add_argument("--category", metavar="NAME", help="category inside an MVTec AD / LOCO dataset folder")
+    p.add_argument("--out", required=True, metavar="FILE", help="model file to write (atomically), e.g. bottle.pyad")
+    _detector_options(p)
+
+    p = cmd("predict", _predict, "score images with a saved model; write scores, heat-map overlays and masks")
+    p.add_argument("model", help="a model file written by pyad fit or Detector.save")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", metavar="DIR", help="folder for scores.json/csv, overlays/ and masks/ (binary, map > the "
+                                                "model's threshold); without it scores are printed")
+    p.add_argument("--format", choices=("json", "csv"), default="json", help="scores file format (default json)")
+    p.add_argument("--no-pictures", action="store_true", help="scores only")
+
+    p = cmd("evaluate", _evaluate, "evaluate on labelled data: metrics table (Markdown, CSV, JSON) and pictures")
+    p.add_argument("--data", required=True, metavar="PATH", help="an MVTec AD / LOCO dataset folder or one category folder")
+    p.add_argument("--category", action="append", metavar="NAME", help="only this category (repeatable; default all)")
+    p.add_argument("--load", metavar="FILE", help="evaluate this saved model instead of fitting one per category")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--no-pictures", action="store_true", help="write tables only")
+    _detector_options(p)
+
+    p = cmd("bench", _bench, "latency protocol of seed 003 §3.4 (3 warm-up, 5 timed runs per image, per stage) and "
+                             "throughput; pytest-benchmark JSON")
+    p.add_argument("model", help="a saved model file")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up runs per image (default 3)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per image (default 5)")
+    p.add_argument("--batch-sizes", default="1,8", metavar="B1,B2", help="batch sizes for throughput (default 1,8)")
+    p.add_argument("--max-images", type=int, default=10, metavar="N", help="images timed (default 10)")
+    p.add_argument("--json", metavar="FILE", help="write pytest-benchmark-compatible JSON "
+                                                  "(compare runs with: pytest-benchmark compare A.json B.json)")
+
+    cmd("info", _info, "print version, kernel backend, instruction set, threads and device as JSON")
+    cmd("kernels", _kernels, "run every compiled kernel on every backend against the NumPy reference")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyad", description="Visual anomaly detection for industrial inspection.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print version, kernel backend, instruction set and threads as JSON").set_defaults(
-        func=_info
-    )
-    sub.add_parser("demo", help="run every kernel on every backend against the NumPy reference").set_defaults(
-        func=_demo
-    )
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        from . import _progress
+
+        _progress.enabled = False
     try:
         return args.func(args)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"pyad: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("pyad: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

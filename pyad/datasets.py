@@ -126,6 +126,9 @@ def _category_root(root, category: str | None, names: tuple[str, ...]) -> tuple[
 
 
 def _kind(name: str) -> str:
+    if name.startswith("synthetic_"):  # written by synthetic()
+        name = name.removeprefix("synthetic_")
+        return name if name in ("texture", "object") else ""
     return "texture" if name in TEXTURES else "object" if name in OBJECTS or name in MVTEC_LOCO else ""
 
 
@@ -380,9 +383,7 @@ def synthetic(root, kinds=("texture", "object"), n_train: int = 40, n_good: int 
                 save(bad, cat / "test" / defect / f"{i:03d}.png")
                 save(mask.astype(np.uint8) * 255, cat / "ground_truth" / defect / f"{i:03d}_mask.png")
         (cat / "readme.txt").write_text(f"pyad synthetic {kind} dataset, seed {seed}, size {size}.\n")
-        ds = mvtec_ad(cat)
-        ds.kind = kind
-        out.append(ds)
+        out.append(mvtec_ad(cat))
     return out
 
 

@@ -1,0 +1,139 @@
+"""The command line: every command on a tiny synthetic dataset, exit codes,
+messages, --quiet and --help. Mostly in-process (``pyad.cli.main``); one
+subprocess checks ``python -m pyad`` and the installed entry point."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyad import datasets as D
+from pyad.cli import build_parser, main
+
+SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--crop-size", "none"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    D.synthetic(root / "data", n_train=10, n_good=3, n_defect=2, size=64, seed=5)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def model(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "object.pyad"
+    assert main(["fit", "--data", str(data / "synthetic_object"), "--out", str(path), "--model", "patchcore",
+                 "--set", "coreset_ratio=0.5", "--quiet", *SMALL]) == 0
+    return path
+
+
+def test_fit_writes_a_loadable_model(model):
+    import pyad
+
+    det = pyad.load(model)
+    assert type(det).__name__ == "PatchCore" and det.coreset_ratio == 0.5 and det.crop_size is None
+    assert det.n_train_ == 10
+
+
+def test_predict_writes_scores_overlays_and_masks(model, data, tmp_path, capsys):
+    test = data / "synthetic_object" / "test"
+    assert main(["predict", str(model), str(test), "--out", str(tmp_path), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    assert len(doc["images"]) == 7 and doc["threshold"] is not None
+    names = sorted(p.name for p in (tmp_path / "overlays").iterdir())
+    assert len(names) == 7 and "good_000.png" in names and "perlin_001.png" in names  # stems repeat: parent prefixed
+    with Image.open(tmp_path / "masks" / "perlin_000.png") as m:
+        assert m.size == (64, 64) and set(np.unique(np.asarray(m))) <= {0, 255}
+    assert capsys.readouterr().out == ""  # --quiet with --out: nothing on stdout
+    assert main(["predict", str(model), str(test / "good" / "000.png"), "--out", str(tmp_path / "c"), "--format", "csv",
+                 "--no-pictures"]) == 0
+    lines = (tmp_path / "c" / "scores.csv").read_text().splitlines()
+    assert lines[0] == "path,score,anomalous" and len(lines) == 2
+    assert not (tmp_path / "c" / "overlays").exists()
+    assert main(["predict", str(model), str(test / "good" / "000.png")]) == 0  # no --out: scores printed
+    assert "000.png" in capsys.readouterr().out
+
+
+def test_evaluate_with_a_saved_model_and_fitting_per_category(model, data, tmp_path, capsys):
+    assert main(["evaluate", "--data", str(data), "--category", "synthetic_object", "--load", str(model),
+                 "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| synthetic_object |" in out and (tmp_path / "a" / "results.csv").is_file()
+    assert (tmp_path / "a" / "synthetic_object" / "defects_perlin.png").is_file()
+    assert main(["evaluate", "--data", str(data), "--model", "padim", "--out", str(tmp_path / "b"), "--no-pictures",
+                 "--quiet", *SMALL]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["summary"]
+    assert [r["category"] for r in rows] == ["synthetic_object", "synthetic_texture", "mean", "textures", "objects"]
+
+
+def test_bench_writes_pytest_benchmark_json(model, data, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", str(model), str(data / "synthetic_object" / "test" / "good"), "--warmup", "1", "--runs", "2",
+                 "--batch-sizes", "1,2", "--max-images", "2", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert {b["name"] for b in doc["benchmarks"]} >= {"latency[image]", "stage[backbone]", "throughput[batch2]"}
+    assert doc["benchmarks"][0]["stats"]["rounds"] == 2
+    assert "| **total** |" in capsys.readouterr().out
+
+
+def test_demo_on_given_data(data, tmp_path, capsys):
+    assert main(["demo", "--data", str(data / "synthetic_texture"), "--out", str(tmp_path), "--quiet",
+                 "--image-size", "64", "--crop-size", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "| synthetic_texture |" in out and "| **total** |" in out
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "synthetic_texture" / "curves.png").is_file()
+
+
+def test_info_is_json(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"version", "backend", "isa", "threads", "device", "cuda"} <= set(info)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "missing.pyad", "x.png"], "model: missing.pyad is not a file"),
+    (["fit", "--data", "nowhere", "--out", "m.pyad"], "--data: nowhere is not a folder"),
+    (["evaluate", "--data", "nowhere", "--out", "o"], "--data: nowhere does not exist"),
+])
+def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyad: error: ") and message in err
+
+
+def test_bad_detector_options_exit_2(data, tmp_path, capsys, model):
+    base = ["fit", "--data", str(data / "synthetic_object"), "--out", str(tmp_path / "m.pyad")]
+    assert main([*base, "--model", "nosuch"]) == 2
+    assert "--model: expected one of PaDiM, PatchCore, SPADE" in capsys.readouterr().err
+    assert main([*base, "--set", "bogus=1"]) == 2
+    assert "--set: expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+    assert main([*base, "--image-size", "8"]) == 2
+    assert "image_size: expected an int >= 32" in capsys.readouterr().err
+    assert main(["predict", str(model), str(tmp_path / "none.png")]) == 2
+    assert "images: " in capsys.readouterr().err
+    assert not (tmp_path / "m.pyad").exists()
+
+
+def test_help_explains_every_option():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"demo", "fit", "predict", "evaluate", "bench", "info", "kernels"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"pyad {name} {action.option_strings or action.dest} has no help"
+        assert "exit codes" in p.format_help()
+
+
+def test_module_entry_point_and_usage_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pyad", *a], capture_output=True, text=True, cwd=tmp_path)
+    out = run("--help")
+    assert out.returncode == 0 and "fit" in out.stdout and "exit codes" in out.stdout
+    out = run("fit")  # missing required options: argparse usage error, exit 2
+    assert out.returncode == 2 and "--data" in out.stderr
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("pyad ")

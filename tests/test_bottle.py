@@ -4,39 +4,30 @@ The AUROCs are printed at the end of the run."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import pyad
-from pyad.metrics import image_auroc, pixel_auroc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ROOT = SHARED / "data" / "mvtec_ad" / "bottle"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_from_tflite.pth"
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="MVTec AD bottle not present")
 
-RESULTS: dict[str, tuple[float, float]] = {}
+RESULTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
 def bottle():
-    test = sorted((ROOT / "test").glob("*/*.png"))
-    labels = np.array([p.parent.name != "good" for p in test])
-    masks = [
-        np.asarray(Image.open(ROOT / "ground_truth" / p.parent.name / f"{p.stem}_mask.png")) > 0
-        if bad else np.zeros((900, 900), bool)
-        for p, bad in zip(test, labels)
-    ]
-    return ROOT / "train" / "good", test, labels, masks
+    return pyad.datasets.mvtec_ad(ROOT)
 
 
 def run(det, bottle, key):
-    train, test, labels, masks = bottle
-    pred = det.fit(train).predict(test)
-    assert pred.maps.shape == (len(test), 900, 900)
-    RESULTS[key] = (image_auroc(labels, pred.scores), pixel_auroc(masks, pred.maps))
-    return RESULTS[key]
+    """Fit and evaluate through pyad.evaluate (checked against direct metric
+    computation in test_evaluation.py)."""
+    r = pyad.evaluate(det, bottle)["bottle"]
+    assert (r.n_train, r.n_test) == (209, 83) and 0 <= r.aupro <= 1
+    RESULTS[key] = {"image AUROC": r.image_auroc, "pixel AUROC": r.pixel_auroc, "AUPRO": r.aupro, "F1-max": r.f1_max}
+    return r.image_auroc, r.pixel_auroc
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared MobileNetV2 checkpoint absent")
@@ -55,4 +46,4 @@ def test_random_init_runs_end_to_end(bottle, name):
 
 
 def pytest_terminal_summary_lines():
-    return [f"{k:45s} image AUROC {v[0]:.4f}  pixel AUROC {v[1]:.4f}" for k, v in RESULTS.items()]
+    return [f"{k:42s} " + "  ".join(f"{m} {v:.4f}" for m, v in r.items()) for k, r in RESULTS.items()]

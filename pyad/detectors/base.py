@@ -204,6 +204,9 @@ class Detector:
         state = self._get_state()
         clock = _Clock(stage_times) if stage_times is not None else None
         scores, maps = [], []
+        total = imgs.count(images)
+        bar = _progress.bar(total=total, desc=f"{type(self).__name__}: predicting", unit="img",
+                            disable=not total or total <= self.batch_size or None)
         for batch in imgs.batches(images, self.batch_size):
             if clock:
                 clock.lap("read")
@@ -216,8 +219,10 @@ class Detector:
             full = patch_maps if patch_maps.shape[-1] == self._pre.size else self._upsample(patch_maps)
             scores.append(s)
             maps += [self._pre.restore(m, img.shape[:2]) for m, img in zip(full, batch)]
+            bar.update(len(batch))
             if clock:
                 clock.lap("map")
+        bar.close()
         scores = np.concatenate(scores).astype(np.float32)
         same = len({m.shape for m in maps}) == 1
         labels = None if self.threshold_ is None else scores > self.threshold_

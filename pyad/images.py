@@ -99,20 +99,15 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def batches(source, size: int) -> Iterator[list[np.ndarray]]:
-    """Lists of up to ``size`` images. Files are decoded by two background
-    threads, one batch ahead (PIL releases the GIL while decoding)."""
-    paths = None
-    if isinstance(source, (str, os.PathLike)):
-        paths = list_images(source)
-    elif isinstance(source, (list, tuple)) and source:
-        found = [getattr(s, "path", s) for s in source]  # dataset samples carry their path
-        if all(isinstance(s, (str, os.PathLike)) for s in found):
-            paths = found
+def batches(source, size: int, transform=None) -> Iterator[list[np.ndarray]]:
+    """Lists of up to ``size`` images (each passed through ``transform`` when given).
+    Files are decoded, and transformed, by two background threads, one batch
+    ahead (PIL releases the GIL while decoding and resizing)."""
+    paths = _paths(source)
     if paths is None:
         batch: list[np.ndarray] = []
         for img in iter_images(source):
-            batch.append(img)
+            batch.append(img if transform is None else transform(img))
             if len(batch) == size:
                 yield batch
                 batch = []
@@ -121,14 +116,28 @@ def batches(source, size: int) -> Iterator[list[np.ndarray]]:
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    def load(group):
+        return [read_image(p) if transform is None else transform(read_image(p)) for p in group]
+
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(lambda g: [read_image(p) for p in g], groups[0])]
+        pending = [pool.submit(load, groups[0])]
         for i in range(len(groups)):
             if i + 1 < len(groups):
-                pending.append(pool.submit(lambda g: [read_image(p) for p in g], groups[i + 1]))
+                pending.append(pool.submit(load, groups[i + 1]))
             yield pending[i].result()
             pending[i] = None
+
+
+def _paths(source) -> list | None:
+    """The file paths behind a folder, a list of paths or of dataset samples; else None."""
+    if isinstance(source, (str, os.PathLike)):
+        return list_images(source)
+    if isinstance(source, (list, tuple)) and source:
+        found = [getattr(s, "path", s) for s in source]  # dataset samples carry their path
+        if all(isinstance(s, (str, os.PathLike)) for s in found):
+            return found
+    return None
 
 
 def count(source) -> int | None:
@@ -155,21 +164,26 @@ class Preprocess:
         return self.crop_size or self.image_size
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        out = torch.empty(len(images), 3, self.size, self.size)
-        for i, a in enumerate(images):
-            out[i] = self._one(a)
-        return (out - self.mean) / self.std
+        return self.to_tensor([self.prepare(a) for a in images])
 
-    def _one(self, a: np.ndarray) -> torch.Tensor:
+    def prepare(self, a: np.ndarray) -> np.ndarray:
+        """One [H, W, C] image -> [S, S, 3] uint8, resized and cropped (thread-safe;
+        the fit path runs it in the decoding threads)."""
         if a.dtype != np.uint8:  # float images are taken to be in [0, 1]
             a = (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
         im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
         im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
-        t = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+        out = np.asarray(im)
         if self.crop_size:
             o = (self.image_size - self.crop_size) // 2
-            t = t[:, o : o + self.crop_size, o : o + self.crop_size]
-        return t
+            out = out[o : o + self.crop_size, o : o + self.crop_size]
+        return out
+
+    def to_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
+        """[S, S, 3] uint8 arrays -> normalised [B, 3, S, S] float32 in channels-last
+        memory (the layout the backbones run in: no transposing copy)."""
+        x = torch.from_numpy(np.stack(prepared)).permute(0, 3, 1, 2).float()
+        return x.div_(255.0).sub_(self.mean).div_(self.std)
 
     def restore(self, amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """A [S, S] map on the (cropped) network input -> [H, W] on the original image."""

@@ -81,3 +81,23 @@ def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch):
     net = Backbone("resnet18", ("layer2",), "imagenet")
     assert net.weights_id.startswith("sha256:")
     torch.testing.assert_close(net.state_dict()["body.conv1.weight"], full.state_dict()["body.conv1.weight"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_fused_batchnorm_gives_the_same_features(name):
+    import copy
+
+    torch.manual_seed(0)
+    net = Backbone(name, ("layer1", "layer2", "layer3"))
+    for m in net.modules():  # non-trivial statistics, as in a trained network
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fused = copy.deepcopy(net).fuse_batchnorm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 96, 96)
+    a, b = net(x), fused(x)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()))

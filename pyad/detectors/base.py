@@ -169,6 +169,7 @@ class Detector:
         if held:
             partial = self._finish(exclude_holdout=True)
             scores = np.concatenate([self._score(partial, h)[0] for h in held])
+            del partial, held  # not alive while the final model is built
             self.threshold_ = float(np.quantile(scores, self.threshold_quantile, method="higher"))
             self.threshold_rule_ = (f"quantile {self.threshold_quantile} of the scores of {len(scores)} held-out "
                                     f"training images (seed {self.seed})")

@@ -77,7 +77,7 @@ class PaDiM(Detector):
         for attr in ("channels_", "grid_"):
             self.__dict__.pop(attr, None)
         self._acc = K.GaussianAccumulator(self.eps, self.factor_dtype)
-        self._held, self._buffer = [], []
+        self._held, self._buffer, self._fill = [], None, 0
 
     # embeddings are buffered to this many images per accumulator update: one
     # larger GEMM and one packing pass per 64 images instead of per batch (fit
@@ -85,26 +85,37 @@ class PaDiM(Detector):
     _UPDATE_IMAGES = 64
 
     def _collect(self, emb, mask):
-        if (~mask).any():
-            self._buffer.append(emb[~mask])
-            if sum(map(len, self._buffer)) >= self._UPDATE_IMAGES:
-                self._flush()
+        self._add(emb[~mask])
         if mask.any():
             self._held.append(emb[mask])  # streamed in after the threshold is set
 
+    def _add(self, emb):
+        """Copy into one preallocated buffer; update the accumulator when it is full."""
+        while len(emb):
+            if self._buffer is None:
+                self._buffer, self._fill = np.empty((self._UPDATE_IMAGES, *emb.shape[1:]), np.float32), 0
+            take = min(len(emb), len(self._buffer) - self._fill)
+            self._buffer[self._fill : self._fill + take] = emb[:take]
+            self._fill += take
+            emb = emb[take:]
+            if self._fill == len(self._buffer):
+                self._flush()
+
     def _flush(self):
-        if self._buffer:
-            self._acc.update(np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0])
-            self._buffer = []
+        if self._buffer is not None and self._fill:
+            self._acc.update(self._buffer[: self._fill])
+            self._fill = 0
 
     def _finish(self, exclude_holdout):
         self._flush()
         if exclude_holdout:  # only scores the held-out images: single precision suffices
             return self._acc.finalize(solve_dtype="float32")
-        self._buffer, self._held = self._held, []
+        for emb in self._held:
+            self._add(emb)
         self._flush()
+        self._buffer = self._held = None
         model = self._acc.finalize()
-        del self._acc, self._held, self._buffer
+        del self._acc
         return model
 
     def _set_state(self, state):

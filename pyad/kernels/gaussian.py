@@ -105,13 +105,13 @@ class GaussianAccumulator:
             self._s2 = np.zeros((p, d * (d + 1) // 2))
         elif self._shift.shape != (p, d):
             raise ValueError(f"batch: expected [n, {self._shift.shape[0]}, {self._shift.shape[1]}], got {x.shape}")
-        y = x - self._shift.astype(np.float32)
-        self._s1 += y.sum(axis=0, dtype=np.float64)
+        shift = self._shift.astype(np.float32)
         flat = _packed_index(d)
         step = max(1, _CHUNK_BYTES // (4 * d * max(d, n)))
-        for q0 in range(0, p, step):
+        for q0 in range(0, p, step):  # position chunks: no full-size copy of the batch
             q = slice(q0, q0 + step)
-            yc = np.ascontiguousarray(y[:, q].transpose(1, 0, 2))  # [c, n, d]
+            yc = (x[:, q] - shift[q]).transpose(1, 0, 2).copy()  # [c, n, d]
+            self._s1[q] += yc.sum(axis=1, dtype=np.float64)
             g = (yc.transpose(0, 2, 1) @ yc).reshape(len(yc), d * d)
             self._s2[q] += np.take(g, flat, axis=1)
         self.count += n

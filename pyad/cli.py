@@ -180,8 +180,13 @@ def _predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         names = _unique_names(paths)
         if args.format == "csv":
-            lines = ["path,score,anomalous"] + [f"{r['path']},{r['score']:.6g},{'' if r['anomalous'] is None else int(r['anomalous'])}" for r in rows]
-            (out / "scores.csv").write_text("\n".join(lines) + "\n")
+            import csv
+
+            with open(out / "scores.csv", "w", newline="") as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(["path", "score", "anomalous"])
+                w.writerows([r["path"], f"{r['score']:.6g}", "" if r["anomalous"] is None else int(r["anomalous"])]
+                            for r in rows)
         else:
             (out / "scores.json").write_text(json.dumps({"threshold": det.threshold_, "images": rows}, indent=1))
         if not args.no_pictures:

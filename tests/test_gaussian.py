@@ -122,11 +122,3 @@ def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="positive definite"):
         K.gaussian_fit(np.zeros((3, 2, 2)), eps=0)
 
-
-def test_single_precision_solve_is_close(rng):
-    x = rng.standard_normal((40, 30, 16)).astype(np.float32)
-    acc = K.GaussianAccumulator(0.01).update(x)
-    exact, fast = acc.finalize(), acc.finalize(solve_dtype="float32")
-    np.testing.assert_allclose(K.mahalanobis(x[:5], fast), K.mahalanobis(x[:5], exact), rtol=1e-4)
-    with pytest.raises(ValueError, match="solve_dtype"):
-        acc.finalize(solve_dtype="float16")

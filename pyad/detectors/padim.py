@@ -108,8 +108,8 @@ class PaDiM(Detector):
 
     def _finish(self, exclude_holdout):
         self._flush()
-        if exclude_holdout:  # only scores the held-out images: single precision suffices
-            return self._acc.finalize(solve_dtype="float32")
+        if exclude_holdout:
+            return self._acc.finalize()
         for emb in self._held:
             self._add(emb)
         self._flush()

@@ -254,11 +254,13 @@ def _bench(args) -> int:
     paths = _expand(args.images)
     sizes = [_int(b, "--batch-sizes") for b in args.batch_sizes.split(",")]
     lat = latency(det, paths, warmup=args.warmup, runs=args.runs, batch_sizes=sizes, max_images=args.max_images)
+    fit = f"; fitted on {det.n_train_} images in {det.fit_seconds_:.1f} s" if det.fit_seconds_ is not None else ""
     _say(args, f"{type(det).__name__} ({det.backbone}), {len(lat.per_image)} images, {args.warmup} warm-up + "
-               f"{args.runs} timed runs each")
+               f"{args.runs} timed runs each{fit}")
     print(lat.to_markdown())
     if args.json:
-        doc = benchmark_json(lat, f"{type(det).__name__}-{det.backbone}", {"model": str(args.model)})
+        doc = benchmark_json(lat, f"{type(det).__name__}-{det.backbone}",
+                             {"model": str(args.model), "fit_seconds": det.fit_seconds_, "n_train": det.n_train_})
         Path(args.json).write_text(json.dumps(doc, indent=1))
         _say(args, f"wrote {args.json} (pytest-benchmark format: pytest-benchmark compare {args.json})")
     return EXIT_OK

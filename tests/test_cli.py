@@ -77,6 +77,7 @@ def test_bench_writes_pytest_benchmark_json(model, data, tmp_path, capsys):
     doc = json.loads(path.read_text())
     assert {b["name"] for b in doc["benchmarks"]} >= {"latency[image]", "stage[backbone]", "throughput[batch2]"}
     assert doc["benchmarks"][0]["stats"]["rounds"] == 2
+    assert doc["benchmarks"][0]["extra_info"]["fit_seconds"] > 0  # training time travels with the model
     assert "| **total** |" in capsys.readouterr().out
 
 

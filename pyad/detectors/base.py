@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +143,7 @@ class Detector:
 
     # -- fit --------------------------------------------------------------------
     def fit(self, train) -> "Detector":
+        started = time.perf_counter()
         train = _split(train, "train")
         self._check_params()
         self._check_own_params()
@@ -176,6 +178,7 @@ class Detector:
         self._set_state(self._finish(exclude_holdout=False))
         self.weights_id_ = self._network().weights_id
         self.n_train_ = seen
+        self.fit_seconds_ = time.perf_counter() - started  # training time, kept in saved models
         return self
 
     def calibrate(self, images, labels=None) -> "Detector":
@@ -249,6 +252,7 @@ class Detector:
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
             "weights_id": self.weights_id_,
             "n_train": self.n_train_,
+            "fit_seconds": self.fit_seconds_,
             "threshold": self.threshold_,
             "threshold_rule": self.threshold_rule_,
         }
@@ -260,6 +264,7 @@ class Detector:
         det = cls(**params)
         det.weights_id_ = meta["weights_id"]
         det.n_train_ = meta["n_train"]
+        det.fit_seconds_ = meta.get("fit_seconds")
         det.threshold_ = meta["threshold"]
         det.threshold_rule_ = meta["threshold_rule"]
         det._load_arrays(arrays)

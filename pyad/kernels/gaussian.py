@@ -154,9 +154,11 @@ class GaussianAccumulator:
         diag = np.arange(d)
         for q0 in range(0, p, step):
             q = slice(q0, q0 + step)
-            m, scatter = self._moments(q)
-            mean[q] = m
-            cov = np.take(scatter, sym, axis=1).reshape(len(scatter), d, d)  # packed -> symmetric
+            s1 = self._s1[q]
+            mean[q] = self._shift[q] + s1 / self.count
+            # scatter = S2 - S1 S1ᵀ / n, unpacked to full symmetric matrices in one gather
+            cov = np.take(self._s2[q], sym, axis=1).reshape(len(s1), d, d)
+            cov -= s1[:, :, None] * (s1[:, None, :] / self.count)
             cov /= self.count - 1
             cov[:, diag, diag] += self.eps
             a = _inverse_cholesky(cov)

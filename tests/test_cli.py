@@ -138,3 +138,16 @@ def test_module_entry_point_and_usage_errors(tmp_path):
     assert out.returncode == 2 and "--data" in out.stderr
     out = run("--version")
     assert out.returncode == 0 and out.stdout.startswith("pyad ")
+
+
+def test_fit_on_a_plain_folder_and_on_a_dataset_root(data, tmp_path, capsys):
+    plain = data / "synthetic_texture" / "train" / "good"
+    assert main(["fit", "--data", str(plain), "--out", str(tmp_path / "a.pyad"), "--model", "padim", *SMALL]) == 0
+    assert "the images in" in capsys.readouterr().out
+    assert main(["fit", "--data", str(data), "--category", "synthetic_texture", "--out", str(tmp_path / "b.pyad"),
+                 "--model", "padim", "--quiet", *SMALL]) == 0
+    import pyad
+
+    a, b = pyad.load(tmp_path / "a.pyad"), pyad.load(tmp_path / "b.pyad")
+    assert a.n_train_ == b.n_train_ == 10
+    np.testing.assert_array_equal(a.gaussian_.factor, b.gaussian_.factor)  # same images, same model

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -347,7 +348,7 @@ def benchmark_json(lat: Latency, name: str, extra: dict | None = None) -> dict:
                "python_compiler": platform.python_compiler(), "python_implementation": platform.python_implementation(),
                "python_implementation_version": platform.python_version(), "python_version": platform.python_version(),
                "python_build": list(platform.python_build()), "release": platform.release(), "system": platform.system(),
-               "cpu": {"count": __import__("os").cpu_count(), "arch_string_raw": platform.machine(), "brand_raw": _cpu_brand()}}
+               "cpu": {"count": os.cpu_count(), "arch_string_raw": platform.machine(), "brand_raw": _cpu_brand()}}
     return {"machine_info": machine,
             "commit_info": {"id": "unversioned", "time": None, "author_time": None, "dirty": False, "project": "pyad",
                             "branch": "(unknown)"},

@@ -108,6 +108,7 @@ class PaDiM(Detector):
 
     def _finish(self, exclude_holdout):
         self._flush()
+        self._buffer = None  # not held while the model is solved (reallocated if needed)
         if exclude_holdout:
             return self._acc.finalize()
         for emb in self._held:

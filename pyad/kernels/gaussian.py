@@ -150,10 +150,9 @@ class GaussianAccumulator:
         flat, sym = _packed_index(d), _symmetric_index(d)
         factor = np.empty((p, d * (d + 1) // 2), dtype=self.dtype)
         mean = np.empty((p, d), dtype=np.float32)
-        step = max(1, _CHUNK_BYTES // (8 * d * d))
         diag = np.arange(d)
-        for q0 in range(0, p, step):
-            q = slice(q0, q0 + step)
+
+        def chunk(q: slice) -> None:
             s1 = self._s1[q]
             mean[q] = self._shift[q] + s1 / self.count
             # scatter = S2 - S1 S1ᵀ / n, unpacked to full symmetric matrices in one gather
@@ -163,7 +162,33 @@ class GaussianAccumulator:
             cov[:, diag, diag] += self.eps
             a = _inverse_cholesky(cov)
             factor[q] = _cast_factor(np.take(a.reshape(len(a), d * d), flat, axis=1), self.dtype)
+
+        # chunks run by as many threads as torch uses (the batched LAPACK calls and
+        # the gathers are mostly serial inside: P=4096, d=100 on 2 cores, 1.15 s ->
+        # 0.82 s), each chunk about _CHUNK_BYTES / threads so the peak stays put
+        workers = _solver_threads()
+        n = -(-p * 8 * d * d * workers // _CHUNK_BYTES)
+        n = max(workers, -(-n // workers) * workers)
+        step = -(-p // n)
+        chunks = [slice(q0, q0 + step) for q0 in range(0, p, step)]
+        if workers == 1 or len(chunks) == 1:
+            for q in chunks:
+                chunk(q)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(chunk, chunks))
         return GaussianModel(mean, factor, self.eps, self.count)
+
+
+def _solver_threads() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return 1
 
 
 def _packed_index(d: int) -> np.ndarray:

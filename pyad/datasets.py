@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .images import EXTENSIONS, read_image
+from .images import EXTENSIONS, open_image, read_image
 
 # MVTec AD (Bergmann et al., CVPR 2019): 5 textures and 10 objects; grid, screw
 # and zipper are single-channel images (read as grey, repeated to RGB).
@@ -51,14 +51,13 @@ class Sample:
         all False for a good image; None for an anomaly without a mask."""
         if self.label == 0:
             if shape is None:
-                with Image.open(self.path) as im:
-                    shape = im.size[::-1]
+                shape = _size(self.path, "test")[::-1]
             return np.zeros(shape, bool)
         if not self.mask_paths:
             return None
         out = None
         for p in self.mask_paths:
-            with Image.open(p) as im:
+            with open_image(p, "masks") as im:
                 m = np.asarray(im.convert("L")) > 0
             out = m if out is None else out | m
         return out
@@ -88,11 +87,8 @@ class Dataset:
 
 # -- checks --------------------------------------------------------------------------------
 def _size(path: Path, what: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{what}: cannot read {path}: {exc}") from None
+    with open_image(path, what) as im:  # reads the header only
+        return im.size
 
 
 def _images(folder: Path) -> list[Path]:

@@ -30,6 +30,7 @@ import numpy as np
 from . import _progress
 from . import metrics as M
 from .datasets import Dataset
+from .modelfile import atomic_write
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "precision", "recall", "f1")
 COLUMNS = {  # key -> table header
@@ -130,9 +131,7 @@ def _fmt(key: str, v) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text.encode())
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -288,8 +287,7 @@ def latency(detector, images, *, warmup: int = 3, runs: int = 5, batch_sizes=(1,
         for b in map(int, batch_sizes):
             batch = [decoded[i % len(decoded)] for i in range(b)]
             detector.batch_size = b
-            for _ in range(max(1, min(warmup, 1))):
-                detector.predict(batch)
+            detector.predict(batch)  # one warm-up per batch size
             ts = []
             for _ in range(runs):
                 t0 = time.perf_counter()

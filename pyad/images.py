@@ -11,6 +11,7 @@ raises a false alarm; the canvas is then resized bilinearly to the image's size.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,13 +35,21 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """[H, W, 3] uint8 RGB (grey images are repeated to three channels)."""
+@contextmanager
+def open_image(path: str | os.PathLike, what: str = "images"):
+    """``PIL.Image.open`` whose failures, opening or decoding inside the block,
+    become ``ValueError("<what>: cannot read <path>: ...")``."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            yield im
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"images: cannot read {path}: {exc}") from None
+        raise ValueError(f"{what}: cannot read {path}: {exc}") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """[H, W, 3] uint8 RGB (grey images are repeated to three channels)."""
+    with open_image(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def _check_array(a: np.ndarray, where: str) -> np.ndarray:
@@ -192,12 +201,9 @@ class Preprocess:
         900x900 PNG). Grey is resized, then repeated (the same pixels)."""
         size = (self.image_size, self.image_size)
         if isinstance(a, (str, os.PathLike)):
-            try:
-                with Image.open(a) as im:
-                    im = im if im.mode in ("RGB", "L") else im.convert("RGB")
-                    out = np.asarray(im.resize(size, Image.BILINEAR).convert("RGB"))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise ValueError(f"images: cannot read {a}: {exc}") from None
+            with open_image(a) as im:
+                im = im if im.mode in ("RGB", "L") else im.convert("RGB")
+                out = np.asarray(im.resize(size, Image.BILINEAR).convert("RGB"))
         else:
             if a.dtype != np.uint8:  # float images are taken to be in [0, 1]
                 a = (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -101,9 +101,12 @@ def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) through every distinct score, thresholds descending,
     starting at (0, 0) with threshold +inf: scikit-learn's ``roc_curve`` with
     ``drop_intermediate=False``. Here a point counts ``score >= threshold``."""
-    t, tp, fp = _Sorted.of(*_binary(labels, scores)).counts()
-    pos, neg = tp[-1], fp[-1]
-    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos], np.r_[np.inf, t.astype(np.float64)]
+    return _roc_from(*_Sorted.of(*_binary(labels, scores)).counts())
+
+
+def _roc_from(t, tp, fp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC curve from ``_Sorted.counts`` (at the lowest threshold all are counted)."""
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, t.astype(np.float64)]
 
 
 def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,10 +123,12 @@ def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def f1_max(labels, scores) -> tuple[float, float]:
     """(best F1 over all thresholds, a threshold that gives it with ``score > threshold``:
     midway between the lowest score labelled anomalous and the next lower score)."""
-    labels, scores = _binary(labels, scores)
-    srt = _Sorted.of(labels, scores)
-    t, tp, fp = srt.counts()
-    f1 = 2 * tp / (tp + fp + srt.pos.size)
+    return _f1_from(*_Sorted.of(*_binary(labels, scores)).counts())
+
+
+def _f1_from(t, tp, fp) -> tuple[float, float]:
+    """``f1_max`` from ``_Sorted.counts``."""
+    f1 = 2 * tp / (tp + fp + tp[-1])
     best = int(np.argmax(f1))
     below = t[best + 1] if best + 1 < t.size else None
     if below is None:

@@ -29,13 +29,22 @@ def write(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) ->
         np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
         members.append((f"{name}.npy", buf.getvalue()))
     digest = _digest(members)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+        z.writestr("SHA256", digest)
+    atomic_write(path, buf.getvalue())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new
+    one, never a part: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-                for name, data in members:
-                    z.writestr(name, data)
-                z.writestr("SHA256", digest)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

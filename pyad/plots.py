@@ -84,9 +84,11 @@ def category_pictures(out: Path, ds, pred, masks, labels, threshold: float | Non
     maps = list(pred.maps)
     sample = np.concatenate([m.ravel()[:: max(1, m.size // 20000)] for m in maps])
     vmin, vmax = (float(v) for v in np.percentile(sample, [1, 99.9]))
-    pixel_threshold = threshold
-    if masks is not None:
-        _, pixel_threshold = M.f1_max(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    pixel_threshold, pixel_roc = threshold, None
+    if masks is not None:  # one sort of all pixels for the mask threshold and the pixel ROC
+        counts = M._Sorted.of(*M._pixels(masks, maps)).counts()
+        _, pixel_threshold = M._f1_from(*counts)
+        pixel_roc = M._roc_from(*counts)
     written = []
     for defect in ds.defects:
         idx = [i for i, s in enumerate(ds.test) if s.defect == defect][:per_defect]
@@ -103,14 +105,15 @@ def category_pictures(out: Path, ds, pred, masks, labels, threshold: float | Non
         grid(rows, ["image", "ground truth", "heat map", "predicted mask"], names).save(path)
         written.append(path)
     try:
-        written.append(curves(out / "curves.png", labels, pred.scores, masks, maps, title=ds.name))
+        written.append(curves(out / "curves.png", labels, pred.scores, pixel_roc, title=ds.name))
     except ImportError:
         pass
     return written
 
 
-def curves(path, labels, scores, masks=None, maps=None, title: str = "") -> Path:
-    """ROC and PR curves of the image scores (and the pixel ROC when masks are given)."""
+def curves(path, labels, scores, pixel_roc=None, title: str = "") -> Path:
+    """ROC and PR curves of the image scores, and the pixel ROC when given
+    (``pyad.metrics.roc_curve`` of the flattened masks and maps)."""
     try:
         import matplotlib
 
@@ -121,12 +124,11 @@ def curves(path, labels, scores, masks=None, maps=None, title: str = "") -> Path
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     fpr, tpr, _ = M.roc_curve(labels, scores)
     axes[0].plot(fpr, tpr, label=f"image (AUROC {M.image_auroc(labels, scores):.3f})")
-    if masks is not None:
-        y = np.concatenate([m.ravel() for m in masks])
-        s = np.concatenate([m.ravel() for m in maps])
-        pf, pt, _ = M.roc_curve(y, s)
+    if pixel_roc is not None:
+        pf, pt, _ = pixel_roc
+        auroc = float(np.sum(np.diff(pf) * (pt[1:] + pt[:-1]) / 2))  # exact: the curve has every threshold
         keep = np.unique(np.linspace(0, pf.size - 1, 2000).astype(int))  # thin to draw
-        axes[0].plot(pf[keep], pt[keep], label=f"pixel (AUROC {M.pixel_auroc(masks, maps):.3f})")
+        axes[0].plot(pf[keep], pt[keep], label=f"pixel (AUROC {auroc:.3f})")
     axes[0].plot([0, 1], [0, 1], ":", color="grey")
     axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     p, r, _ = M.pr_curve(labels, scores)

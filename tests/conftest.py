@@ -38,6 +38,16 @@ def backend(request):
         yield request.param
 
 
+def noisy_images(seed, size, n_train, n_test, lo, hi, noise):
+    """(train, test) uint8 [N, size, size, 3]: one random base image plus uniform
+    noise in [-noise, noise) per image; the detector tests add defects to test."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(lo, hi, (1, size, size, 3))
+    train = np.clip(base + rng.integers(-noise, noise, (n_train, size, size, 3)), 0, 255).astype(np.uint8)
+    test = np.clip(base + rng.integers(-noise, noise, (n_test, size, size, 3)), 0, 255).astype(np.uint8)
+    return train, test
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -8,16 +8,14 @@ import pytest
 import pyad
 from pyad import kernels as K
 from pyad.kernels import reference
+from conftest import noisy_images
 
 SMALL = dict(weights=None, image_size=64, crop_size=None, batch_size=4, threshold_holdout=0)
 
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(3)
-    base = rng.integers(80, 170, (1, 64, 64, 3))
-    train = np.clip(base + rng.integers(-15, 15, (10, 64, 64, 3)), 0, 255).astype(np.uint8)
-    test = np.clip(base + rng.integers(-15, 15, (3, 64, 64, 3)), 0, 255).astype(np.uint8)
+    train, test = noisy_images(3, 64, 10, 3, 80, 170, 15)
     test[2, 10:30, 10:30] = 0
     return train, test
 

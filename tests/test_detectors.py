@@ -9,6 +9,7 @@ from PIL import Image
 
 import pyad
 from pyad.detectors import REGISTRY, NotFittedError
+from conftest import noisy_images
 
 SMALL = dict(weights=None, image_size=64, crop_size=None, batch_size=4)
 CONFIGS = {
@@ -29,10 +30,7 @@ def make(request):
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    base = rng.integers(90, 160, (1, 64, 64, 3))
-    train = np.clip(base + rng.integers(-10, 10, (14, 64, 64, 3)), 0, 255).astype(np.uint8)
-    test = np.clip(base + rng.integers(-10, 10, (4, 64, 64, 3)), 0, 255).astype(np.uint8)
+    train, test = noisy_images(0, 64, 14, 4, 90, 160, 10)
     test[2:, 20:40, 20:40] = 255  # a bright defect in the last two
     return train, test
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pyad.backbones import Backbone
 from pyad.detectors import PaDiM, PatchCore, SPADE
 from pyad.images import Preprocess, gaussian_blur
+from conftest import noisy_images
 
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -17,10 +18,7 @@ COMMON = dict(weights=None, image_size=64, crop_size=56, batch_size=5, threshold
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(7)
-    base = rng.integers(60, 200, (1, 72, 72, 3))
-    train = np.clip(base + rng.integers(-25, 25, (10, 72, 72, 3)), 0, 255).astype(np.uint8)
-    test = np.clip(base + rng.integers(-25, 25, (3, 72, 72, 3)), 0, 255).astype(np.uint8)
+    train, test = noisy_images(7, 72, 10, 3, 60, 200, 25)
     test[1, 30:45, 30:45] = 0
     return train, test
 

@@ -6,11 +6,23 @@ Preprocessing follows the official PatchCore / torchvision pipeline: resize to
 ImageNet normalisation. Maps are computed on the crop; outside it (the border a
 centre crop removes) the map holds the map's minimum, so the border never
 raises a false alarm; the canvas is then resized bilinearly to the image's size.
+
+Accepted inputs. Arrays: [H, W, C] or [C, H, W] with C = 3 (RGB, or BGR with
+``channel_order="bgr"``) or 1 (grey); dtype uint8 (0..255), uint16 (0..65535) or
+float16/32/64 in [0, 1]. Anything else (other integer dtypes, bool, floats
+outside [0, 1] or not finite) is refused with a ``ValueError`` that says what
+was found. Files: whatever Pillow reads, decoded as RGB; 16-bit grey files are
+scaled to 8 bits (value / 257, rounded, as uint16 arrays are), 16-bit colour
+PNGs keep each sample's high byte (Pillow's decoding: within one level of the
+rounded value). Images are taken to 8 bits per channel before resizing, the
+precision of the data the backbones were trained on. Files over ``MAX_PIXELS``
+pixels are refused (a guard against decompression bombs).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,25 +47,122 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _limit_from_env() -> int | None:
+    """``PYAD_MAX_IMAGE_PIXELS``: a number of pixels, or ``none``/``0`` for no limit;
+    unset: twice Pillow's default ``MAX_IMAGE_PIXELS``, the size Pillow refuses."""
+    text = os.environ.get("PYAD_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return 2 * 89_478_485
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"PYAD_MAX_IMAGE_PIXELS: expected a number of pixels, or 'none' for no limit; "
+                         f"got {text!r}") from None
+    return value or None
+
+
+#: The most pixels (width x height) an image file may have; larger files are refused
+#: with a ``ValueError`` before they are decoded (a decompression bomb: a small file
+#: that decodes to gigabytes). Default 178,956,970, the size Pillow itself refuses,
+#: or the environment variable ``PYAD_MAX_IMAGE_PIXELS``; ``None``: no limit.
+#: pyad applies this limit instead of Pillow's ``Image.MAX_IMAGE_PIXELS`` (Pillow's
+#: warning at half that size does not appear).
+MAX_PIXELS: int | None = _limit_from_env()
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open(path) -> Image.Image:
+    """``Image.open`` with Pillow's decompression-bomb check lifted: it warns
+    (``DecompressionBombWarning``) above ``Image.MAX_IMAGE_PIXELS`` and raises above
+    twice that, and has no per-call setting; ``open_image`` applies ``MAX_PIXELS``
+    instead. ``Image.open`` reads only the header, so the module setting is lifted
+    for that moment, under a lock (warning filters are process-wide too, and
+    ``warnings.catch_warnings`` is not thread-safe)."""
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 @contextmanager
 def open_image(path: str | os.PathLike, what: str = "images"):
     """``PIL.Image.open`` whose failures, opening or decoding inside the block,
-    become ``ValueError("<what>: cannot read <path>: ...")``."""
+    become ``ValueError("<what>: cannot read <path>: ...")``; a file over
+    ``MAX_PIXELS`` pixels is refused before it is decoded."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            _check_pixels(im, path, what)
             yield im
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{what}: cannot read {path}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # some formats check frames or tiles while decoding
+        raise ValueError(f"{what}: {path}: {exc} Pillow applies its own limit while decoding this file; "
+                         f"raise PIL.Image.MAX_IMAGE_PIXELS as well to read it") from None
+
+
+def _check_pixels(im: Image.Image, path, what: str) -> None:
+    limit = MAX_PIXELS
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        raise ValueError(
+            f"{what}: {path} has {w * h:,} pixels ({w} x {h}), over the limit of {limit:,} (a guard against "
+            f"decompression bombs); if you trust the file, raise it: pyad.images.MAX_PIXELS = n (None: no "
+            f"limit) or the environment variable PYAD_MAX_IMAGE_PIXELS")
+
+
+# Pillow's modes for 16-bit grey (PNG, TIFF, PGM) and 32-bit integer images. Pillow
+# converts them to "L"/"RGB" by clipping to 0..255, which saturates 16-bit data.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _eight_bit(im: Image.Image, path) -> Image.Image:
+    """``im``, or for 16-bit grey an "L" image of value / 257, rounded (65535 -> 255).
+    A 32-bit integer ("I") image is read the same way when its values fit 16 bits."""
+    if im.mode not in _WIDE_GREY:
+        return im
+    a = np.asarray(im)
+    if im.mode == "I":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"images: {path} is a 32-bit integer image with values in [{lo}, {hi}]; "
+                             f"expected 8- or 16-bit values (0..65535)")
+    return Image.fromarray(_u16_to_u8(a))  # 2-d uint8: mode "L"
+
+
+def _u16_to_u8(a: np.ndarray) -> np.ndarray:
+    """round(a / 257) for a in 0..65535, in integers: (a + 128) // 257 (no ties)."""
+    return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """[H, W, 3] uint8 RGB (grey images are repeated to three channels)."""
+    """[H, W, 3] uint8 RGB (grey images are repeated to three channels; 16-bit
+    images scaled to 8 bits, see the module doc)."""
     with open_image(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(_eight_bit(im, path).convert("RGB"))
 
 
-def _check_array(a: np.ndarray, where: str) -> np.ndarray:
-    """One image as [H, W, C] (uint8, or float in [0, 1]) with C in {1, 3}."""
+_ORDERS = ("rgb", "bgr")
+
+
+def _check_order(channel_order: str) -> None:
+    if channel_order not in _ORDERS:
+        raise ValueError(f"channel_order: expected 'rgb' or 'bgr', got {channel_order!r}")
+
+
+_EXPECTED = "expected uint8 (0..255), uint16 (0..65535) or float16/32/64 in [0, 1]"
+
+
+def _check_array(a: np.ndarray, where: str, channel_order: str = "rgb") -> np.ndarray:
+    """One image -> [H, W, C] uint8 RGB with C in {1, 3}: the accepted dtypes and
+    ranges (module doc) checked and scaled; uint8 RGB is returned as a view."""
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3:
@@ -62,30 +171,65 @@ def _check_array(a: np.ndarray, where: str) -> np.ndarray:
         a = np.moveaxis(a, 0, -1)  # [C, H, W] -> [H, W, C]
     if a.shape[-1] not in (1, 3):
         raise ValueError(f"images: {where} has {a.shape[-1]} channels; expected 1 (grey) or 3 (RGB)")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError(f"images: {where} contains NaN or Inf")
-    if a.dtype.kind not in "uif":
-        raise ValueError(f"images: {where} has dtype {a.dtype}; expected uint8 or float")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"images: {where} is empty (shape {a.shape})")
+    a = _to_uint8(a, where)
+    if channel_order == "bgr" and a.shape[-1] == 3:
+        a = np.ascontiguousarray(a[..., ::-1])
     return a
 
 
-def iter_images(source) -> Iterator[np.ndarray]:
+def _to_uint8(a: np.ndarray, where: str) -> np.ndarray:
+    """uint8 as is; uint16 / 257 and float [0, 1] * 255, rounded; anything else refused."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:
+        return _u16_to_u8(a)
+    if a.dtype.kind == "f" and a.dtype.itemsize <= 8:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"images: {where} is {a.dtype} with NaN or Inf values; float images must be finite "
+                             f"and lie in [0, 1]")
+        if lo < 0 or hi > 1:
+            hint = ("divide by 255, or pass uint8" if lo >= 0 and hi <= 255 else
+                    "divide by 65535, or pass uint16" if lo >= 0 and hi <= 65535 else
+                    "pass the image before normalisation (pyad normalises itself)" if lo < 0 else
+                    "scale it to [0, 1]")
+            raise ValueError(f"images: {where} is {a.dtype} with values in [{lo:g}, {hi:g}]; float images must "
+                             f"lie in [0, 1] — {hint}")
+        return (a.astype(np.float32) * 255 + 0.5).astype(np.uint8)
+    if a.dtype.kind in "iu":
+        lo, hi = int(a.min()), int(a.max())
+        hint = (" — these values fit uint8: pass a.astype(np.uint8)" if lo >= 0 and hi <= 255 else
+                " — these values fit uint16: pass a.astype(np.uint16)" if lo >= 0 and hi <= 65535 else "")
+        raise ValueError(f"images: {where} is {a.dtype} with values in [{lo}, {hi}]; integer images must be "
+                         f"uint8 (0..255) or uint16 (0..65535){hint}")
+    raise ValueError(f"images: {where} is {a.dtype}; {_EXPECTED}")
+
+
+def iter_images(source, channel_order: str = "rgb") -> Iterator[np.ndarray]:
     """Images from a folder, a list of paths or arrays, an array batch
-    ([N, H, W, C] uint8 or [N, C, H, W] float), or a dataset of dicts/samples
-    with an ``image`` entry. Yields [H, W, C] arrays."""
+    ([N, H, W, C] or [N, C, H, W]; numpy or torch), or a dataset of dicts/samples
+    with an ``image`` entry. Yields [H, W, C] uint8 RGB arrays, C = 3 or 1 (grey).
+
+    Arrays must be uint8, uint16 or float in [0, 1] (module doc); others raise
+    ``ValueError`` naming the image's index. ``channel_order="bgr"``: arrays hold
+    blue, green, red (OpenCV's order) and are flipped to RGB; files are always
+    decoded as RGB. uint8 RGB arrays are yielded without a copy."""
+    _check_order(channel_order)
     if isinstance(source, (str, os.PathLike)):
         for p in list_images(source):
             yield read_image(p)
         return
     if _is_tensor(source):
-        source = source.detach().cpu().numpy()
+        source = _numpy(source)
     if isinstance(source, np.ndarray):
         if source.ndim != 4:
             raise ValueError(f"images: an array batch must be 4-d [N, H, W, C] or [N, C, H, W], got {source.shape}")
         if len(source) == 0:
             raise ValueError("images: the batch is empty")
         for i, a in enumerate(source):
-            yield _check_array(a, f"image {i}")
+            yield _check_array(a, f"image {i}", channel_order)
         return
     count = 0
     for i, item in enumerate(source):
@@ -98,7 +242,7 @@ def iter_images(source) -> Iterator[np.ndarray]:
         if isinstance(item, (str, os.PathLike)):
             yield read_image(item)
         else:
-            yield _check_array(np.asarray(item.detach().cpu().numpy() if _is_tensor(item) else item), f"image {i}")
+            yield _check_array(np.asarray(_numpy(item) if _is_tensor(item) else item), f"image {i}", channel_order)
         count += 1
     if count == 0:
         raise ValueError("images: no images given")
@@ -108,15 +252,22 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def batches(source, size: int, transform=None) -> Iterator[list[np.ndarray]]:
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # NumPy has no bfloat16
+
+
+def batches(source, size: int, transform=None, channel_order: str = "rgb") -> Iterator[list[np.ndarray]]:
     """Lists of up to ``size`` images, or of ``transform(item)`` when given: the
-    item is the file path for file sources, the [H, W, C] array otherwise. Files
+    item is the file path for file sources, the [H, W, C] uint8 RGB array from
+    ``iter_images`` otherwise (``channel_order`` as there: arrays only). Files
     are decoded (and transformed) by two background threads, ahead of use (PIL
     releases the GIL while decoding and resizing)."""
+    _check_order(channel_order)
     paths = _paths(source)
     if paths is None:
         batch: list[np.ndarray] = []
-        for img in iter_images(source):
+        for img in iter_images(source, channel_order):
             batch.append(img if transform is None else transform(img))
             if len(batch) == size:
                 yield batch
@@ -191,22 +342,26 @@ class Preprocess:
     def size(self) -> int:
         return self.crop_size or self.image_size
 
-    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.to_tensor([self.prepare(a) for a in images])
+    def __call__(self, images: Sequence[np.ndarray], channel_order: str = "rgb") -> torch.Tensor:
+        _check_order(channel_order)
+        return self.to_tensor([self.prepare(a, channel_order, where=f"image {i}") for i, a in enumerate(images)])
 
-    def prepare(self, a) -> np.ndarray:
-        """One [H, W, C] image, or an image file, -> [S, S, 3] uint8, resized and
-        cropped. Thread-safe; the fit path runs it in the decoding threads, on the
-        file directly (no full-resolution array copies: 28.7 -> 23.1 ms per
-        900x900 PNG). Grey is resized, then repeated (the same pixels)."""
+    def prepare(self, a, channel_order: str = "rgb", *, where: str = "image") -> np.ndarray:
+        """One [H, W, C] image (any accepted dtype, module doc), or an image file,
+        -> [S, S, 3] uint8, resized and cropped. ``channel_order`` applies to arrays
+        (files are decoded as RGB). Thread-safe; the fit path runs it in the
+        decoding threads, on the file directly (no full-resolution array copies:
+        28.7 -> 23.1 ms per 900x900 PNG). Grey is resized, then repeated (the same
+        pixels)."""
         size = (self.image_size, self.image_size)
         if isinstance(a, (str, os.PathLike)):
             with open_image(a) as im:
+                im = _eight_bit(im, a)
                 im = im if im.mode in ("RGB", "L") else im.convert("RGB")
                 out = np.asarray(im.resize(size, Image.BILINEAR).convert("RGB"))
         else:
-            if a.dtype != np.uint8:  # float images are taken to be in [0, 1]
-                a = (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+            _check_order(channel_order)
+            a = _check_array(np.asarray(_numpy(a) if _is_tensor(a) else a), where, channel_order)
             im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
             out = np.asarray(im.resize(size, Image.BILINEAR).convert("RGB"))
         if self.crop_size:

@@ -17,9 +17,9 @@ numba.
 from ._version import __version__
 from . import kernels
 
-_LAZY = {"PatchCore", "PaDiM", "SPADE", "Detector", "Prediction", "NotFittedError", "load", "REGISTRY"}
+_LAZY = {"PatchCore", "PaDiM", "SPADE", "AutoEncoder", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
-_MODULES = {"datasets", "metrics", "evaluation", "plots", "backbones", "images"}
+_MODULES = {"datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops"}
 
 
 def __getattr__(name):

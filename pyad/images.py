@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
+from .ops import gaussian_blur  # noqa: F401  (re-exported: maps are blurred as in the official codes)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -330,13 +331,15 @@ def count(source) -> int | None:
 
 
 class Preprocess:
-    """[H, W, C] images -> normalised [B, 3, S, S] float32 tensor (S = crop or size)."""
+    """The one pre-processing of every inference path: [H, W, C] images -> normalised
+    [B, 3, S, S] float32 (S = crop or size): square bilinear resize (Pillow, on
+    uint8), optional centre crop, (x/255 - mean)/std; and ``restore`` back."""
 
-    def __init__(self, image_size: int = 256, crop_size: int | None = 224):
+    def __init__(self, image_size: int = 256, crop_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.image_size = image_size
         self.crop_size = crop_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @property
     def size(self) -> int:
@@ -369,11 +372,13 @@ class Preprocess:
             out = out[o : o + self.crop_size, o : o + self.crop_size]
         return out
 
-    def to_tensor(self, prepared: Sequence[np.ndarray]) -> torch.Tensor:
-        """[S, S, 3] uint8 arrays -> normalised [B, 3, S, S] float32 in channels-last
-        memory (the layout the backbones run in: no transposing copy)."""
-        x = torch.from_numpy(np.stack(prepared)).permute(0, 3, 1, 2).float()
-        return x.div_(255.0).sub_(self.mean).div_(self.std)
+    def to_tensor(self, prepared) -> torch.Tensor:
+        """[S, S, 3] uint8 arrays (or a uint8 tensor [B, S, S, 3]) -> normalised
+        [B, 3, S, S] float32 in channels-last memory (the layout the backbones run
+        in: no transposing copy)."""
+        u8 = prepared if isinstance(prepared, torch.Tensor) else torch.from_numpy(np.stack(prepared))
+        x = u8.permute(0, 3, 1, 2).float()
+        return x.div_(255.0).sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def restore(self, amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """A [S, S] map on the (cropped) network input -> [H, W] on the original image."""
@@ -386,28 +391,92 @@ class Preprocess:
         return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """scipy.ndimage.gaussian_filter(m, sigma) per map (truncate 4, mode 'reflect'),
-    as the official PatchCore and PaDiM code apply to anomaly maps. [B, H, W]."""
-    if sigma <= 0:
-        return maps
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).float()
-    out = maps[:, None]
-    for dim in (2, 3):
-        out = _symmetric_pad(out, radius, dim)
-        w = k.view(1, 1, -1, 1) if dim == 2 else k.view(1, 1, 1, -1)
-        out = F.conv2d(out, w)
-    return out[:, 0]
+def as_items(source, what: str = "images") -> list:
+    """The images of ``source`` as a list of file paths or [H, W, C] arrays (not yet
+    read): a folder (its image files, sorted), one file path, a list of paths,
+    arrays, tensors or dataset samples, or an array / tensor batch [N, ...]."""
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_file():
+            return [p]
+        if not p.exists():
+            raise ValueError(f"{what}: {p} does not exist")
+        return list_images(p)
+    if _is_tensor(source):
+        source = _numpy(source)
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4:
+            raise ValueError(f"{what}: an array batch must be 4-d [N, H, W, C] or [N, C, H, W], got {source.shape}")
+        items = list(source)
+    else:
+        try:
+            items = list(source)
+        except TypeError:
+            raise ValueError(f"{what}: expected a folder, image paths, arrays or a dataset, "
+                             f"got {type(source).__name__}") from None
+        out = []
+        for item in items:
+            if isinstance(item, dict):
+                item = item["image"]
+            elif hasattr(item, "path"):
+                item = item.path
+            elif hasattr(item, "image") and not isinstance(item, np.ndarray):
+                item = item.image
+            out.append(_numpy(item) if _is_tensor(item) else item)
+        items = out
+    if not items:
+        raise ValueError(f"{what}: no images given")
+    return items
 
 
-def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """numpy 'symmetric' (scipy 'reflect') padding along ``dim``, any r."""
-    n = x.shape[dim]
-    idx = torch.arange(-r, n + r)
-    period = 2 * n
-    idx = idx % period
-    idx = torch.where(idx >= n, period - 1 - idx, idx)
-    return x.index_select(dim, idx)
+class Loaded:
+    """One image of ``load_batches``: its index in the input, path (files), the
+    prepared pixels [S, S, 3] uint8, its original (H, W), or the error text."""
+
+    __slots__ = ("index", "path", "pixels", "shape", "error")
+
+    def __init__(self, index, path, pixels=None, shape=None, error=None):
+        self.index, self.path, self.pixels, self.shape, self.error = index, path, pixels, shape, error
+
+
+def load_batches(items: list, size: int, pre: Preprocess, *, on_error: str = "raise",
+                 channel_order: str = "rgb", ahead: int = 4) -> Iterator[list[Loaded]]:
+    """Batches of prepared images (``pre.prepare``: decoded, resized, cropped) in
+    input order. Files are decoded by two background threads at lower priority,
+    ``ahead`` batches in advance (PIL releases the GIL while decoding and
+    resizing); with ``on_error="skip"`` an unreadable file becomes a ``Loaded``
+    with its error instead of raising."""
+    _check_order(channel_order)
+
+    def one(i, item):
+        path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+        try:
+            if path is not None:
+                with open_image(item) as im:
+                    shape = (im.height, im.width)
+                return Loaded(i, path, pre.prepare(item), shape)
+            a = _check_array(np.asarray(item), f"image {i}", channel_order)
+            return Loaded(i, None, pre.prepare(a), a.shape[:2])
+        except ValueError as exc:
+            if on_error == "skip" and path is not None:
+                return Loaded(i, path, error=str(exc))
+            raise
+
+    def group(start):
+        _lower_priority()
+        return [one(i, items[i]) for i in range(start, min(start + size, len(items)))]
+
+    starts = list(range(0, len(items), size))
+    if not any(isinstance(it, (str, os.PathLike)) for it in items):
+        for s in starts:
+            yield [one(i, items[i]) for i in range(s, min(s + size, len(items)))]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(group, s) for s in starts[:ahead]]
+        for k in range(len(starts)):
+            if k + ahead < len(starts):
+                pending.append(pool.submit(group, starts[k + ahead]))
+            yield pending[k].result()
+            pending[k] = None

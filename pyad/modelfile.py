@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "pyad-model/1"
+FORMAT = "pyad-model/2"  # 2: nested state (``write_tree``), registry names, network weights
 
 
 def write(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -129,10 +129,37 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     if _digest(members) != stored:
         raise ValueError(f"path: {path} is corrupt or was altered (checksum mismatch)")
     meta = json.loads(dict(members)["meta.json"])
+    if meta.get("format") == "pyad-model/1":
+        raise ValueError(f"path: {path} was written by pyad {meta.get('pyad_version', '0.1')} (format pyad-model/1), "
+                         f"which this pyad no longer reads: fit the model again (pyad fit ...) to write {FORMAT}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"path: {path} has format {meta.get('format')!r}; this pyad reads {FORMAT!r}")
+        raise ValueError(f"path: {path} has format {meta.get('format')!r}; this pyad reads {FORMAT!r} "
+                         "(a newer pyad may have written it)")
     arrays = {n[:-4]: np.load(io.BytesIO(data), allow_pickle=False) for n, data in members if n.endswith(".npy")}
     return meta, arrays
+
+
+def write_tree(path: str | os.PathLike, meta: dict, state) -> None:
+    """Write ``meta`` (JSON) and a nested ``state`` of JSON values, arrays and torch
+    tensors (network weights, optimiser states; see ``pyad._tree``)."""
+    from . import _tree
+
+    skeleton, arrays = _tree.pack(state)
+    write(path, {**meta, "state": skeleton}, arrays)
+
+
+def read_tree(path: str | os.PathLike) -> tuple[dict, object]:
+    """(meta, state) written by ``write_tree``; tensors come back as torch tensors."""
+    from . import _tree
+
+    meta, arrays = read(path)
+    if "state" not in meta:
+        raise ValueError(f"path: {path} holds no state")
+    try:
+        state = _tree.unpack(meta.pop("state"), arrays)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"path: {path} is not a valid pyad model file (missing array {exc})") from None
+    return meta, state
 
 
 def _digest(members: list[tuple[str, bytes]]) -> str:

@@ -1,8 +1,10 @@
-"""Detectors. Every one follows the API of ``base.Detector``."""
+"""Detectors. Every one follows the contract of ``base.Detector``; ``REGISTRY`` maps
+each stable lower-case name (saved in model files, used by the CLI) to its class."""
 
-from .base import REGISTRY, Detector, NotFittedError, Prediction, load
+from .autoencoder import AutoEncoder
+from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .spade import SPADE
 
-__all__ = ["REGISTRY", "Detector", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SPADE", "load"]
+__all__ = ["REGISTRY", "AutoEncoder", "Detector", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SPADE", "clone", "load"]

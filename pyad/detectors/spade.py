@@ -1,98 +1,175 @@
-"""SPADE (Cohen & Hoshen 2020; seed 003 §2.6).
+"""SPADE (Cohen & Hoshen, "Sub-Image Anomaly Detection with Deep Pyramid
+Correspondences", 2020).
 
 Image level: the K = 50 nearest training images under the global-average-pooled
-``image_layer`` (default layer 4, the pooled vector before the classifier);
-image score = mean squared distance to them. Pixel level: every location's
-feature pyramid (``layers`` concatenated on the first layer's grid, bilinear)
-against the gallery of all locations of those K images; pixel score = mean
-squared distance to its κ = 1 nearest gallery features. Map: bilinear
-upsampling + Gaussian blur σ=4. The gallery is held in float16.
+``image_layer`` (default layer 4, the pooled vector before the classifier); image
+score = mean squared distance to them. Pixel level: every location's feature
+pyramid (``layers`` concatenated on the first layer's grid, bilinear) against the
+gallery of all locations of those K images; pixel score = mean squared distance to
+its κ = 1 nearest gallery features. Map: bilinear upsampling + Gaussian blur σ = 4.
+The gallery is held in float16. Validation images are scored against the gallery
+of the other training images (the final gallery holds all).
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .base import Detector, _check, register
+from ..ops import fast_path, gaussian_blur, knn, upsample
+from .base import Validation, register, stage
+from .frozen import FrozenFeatureDetector
+from .settings import check
 
 
-@register
-class SPADE(Detector):
-    """SPADE. ``train_global_`` [N, Cg] and ``train_pyramid_`` [N, H, W, C] after fit."""
+class SPADEEmbed(nn.Module):
+    """[B, 3, S, S] -> (pooled image features [B, Cg], pyramid [B, h, w, C])."""
 
-    def __init__(self, backbone="wide_resnet50_2", weights="imagenet", layers=("layer1", "layer2", "layer3"),
-                 image_layer="layer4", k_images=50, k_pixels=1, image_size=256, crop_size=224, blur_sigma=4.0,
-                 device="cpu", batch_size=8, seed=0, threshold_quantile=0.99, threshold_holdout=0.1):
-        super().__init__(backbone=backbone, weights=weights, layers=layers, image_size=image_size,
-                         crop_size=crop_size, device=device, batch_size=batch_size, seed=seed,
-                         threshold_quantile=threshold_quantile, threshold_holdout=threshold_holdout,
-                         blur_sigma=blur_sigma)
-        self.image_layer = image_layer
-        self.k_images = k_images
-        self.k_pixels = k_pixels
+    def __init__(self, net: nn.Module, layers, image_layer: str):
+        super().__init__()
+        self.net, self.layers, self.image_layer = net, tuple(layers), image_layer
 
-    def _check_own_params(self):
-        _check(isinstance(self.k_images, int) and self.k_images >= 1, "k_images", "a positive int", self.k_images)
-        _check(isinstance(self.k_pixels, int) and self.k_pixels >= 1, "k_pixels", "a positive int", self.k_pixels)
-
-    def _backbone_layers(self):
-        return self.layers + ((self.image_layer,) if self.image_layer not in self.layers else ())
-
-    def _embed(self, feats):
-        glob = feats[self.image_layer].mean((2, 3)).numpy()
+    def forward(self, x: torch.Tensor):
+        feats = self.net(x)
+        stage("backbone")
+        glob = feats[self.image_layer].mean((2, 3))
         maps = [feats[name] for name in self.layers]
         size = maps[0].shape[-2:]
         pyr = torch.cat([m if m.shape[-2:] == size else
                          F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps], 1)
-        return glob, pyr.permute(0, 2, 3, 1).contiguous().numpy()
+        out = glob, pyr.permute(0, 2, 3, 1).contiguous()
+        stage("embedding")
+        return out
 
-    def _begin_fit(self):
-        self._globs, self._pyrs, self._masks = [], [], []
 
-    def _collect(self, emb, mask):
-        self._globs.append(emb[0])
-        self._pyrs.append(emb[1].astype(np.float16))
-        self._masks.append(mask)
+class SPADEHead(nn.Module):
+    """Image kNN then pixel kNN against the K nearest images' pyramids."""
 
-    def _take(self, emb, mask):
-        return emb[0][mask], emb[1][mask]
+    def __init__(self, train_global: torch.Tensor, train_pyramid: torch.Tensor, k_images: int, k_pixels: int,
+                 size: int, blur_sigma: float):
+        super().__init__()
+        self.register_buffer("train_global", train_global.float())
+        self.register_buffer("train_pyramid", train_pyramid.half())
+        self.k_images, self.k_pixels, self.size, self.blur_sigma = k_images, k_pixels, size, blur_sigma
 
-    def _finish(self, exclude_holdout):
-        keep = ~np.concatenate(self._masks) if exclude_holdout else slice(None)
-        state = np.concatenate(self._globs)[keep], np.concatenate(self._pyrs)[keep]
-        if not exclude_holdout:
-            del self._globs, self._pyrs, self._masks
-        return state
-
-    def _set_state(self, state):
-        self.train_global_, self.train_pyramid_ = state
-
-    def _get_state(self):
-        return self.train_global_, self.train_pyramid_
-
-    def _score(self, state, emb):
-        tg, tp = state
+    def forward(self, emb) -> tuple[torch.Tensor, torch.Tensor]:
         glob, pyr = emb
-        k = min(self.k_images, len(tg))
-        d2 = (glob * glob).sum(1)[:, None] - 2 * glob @ tg.T + (tg * tg).sum(1)[None]
-        d2 = np.clip(d2, 0, None)
-        nearest = np.argsort(d2, axis=1, kind="stable")[:, :k]
-        scores = np.take_along_axis(d2, nearest, 1).mean(1)
+        k = min(self.k_images, self.train_global.shape[0])
+        d2, nearest = knn(glob, self.train_global, k)
+        scores = d2.mean(1)
         b, h, w, c = pyr.shape
+        if fast_path(pyr):
+            maps = torch.from_numpy(self._maps_faiss(pyr.numpy(), nearest.numpy()))
+        else:
+            maps = self._maps_torch(pyr.reshape(b, h * w, c), nearest).reshape(b, h, w)
+        stage("search")
+        maps = gaussian_blur(upsample(maps, self.size), self.blur_sigma)
+        stage("map")
+        return scores, maps
+
+    def _maps_faiss(self, pyr: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        import faiss
+
+        b, h, w, c = pyr.shape
+        tp = self.train_pyramid.numpy()
         maps = np.empty((b, h, w), np.float32)
         for i in range(b):
             index = faiss.IndexFlatL2(c)
             index.add(np.ascontiguousarray(tp[nearest[i]].reshape(-1, c), dtype=np.float32))
             dist, _ = index.search(np.ascontiguousarray(pyr[i].reshape(-1, c)), min(self.k_pixels, index.ntotal))
             maps[i] = dist.mean(1).reshape(h, w)
-        return scores.astype(np.float32), maps
+        return maps
 
-    def _arrays(self):
+    def _maps_torch(self, q: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] queries against each image's K gallery images, one gallery image
+        at a time (batched over B), the κ smallest kept: [B, L]."""
+        b, length, c = q.shape
+        gallery = self.train_pyramid.reshape(self.train_pyramid.shape[0], -1, c)
+        qq = (q * q).sum(-1, keepdim=True)
+        best = None
+        for j in range(nearest.shape[1]):
+            g = gallery.index_select(0, nearest[:, j]).float()  # [B, L', C]
+            d = (qq - 2.0 * torch.bmm(q, g.transpose(1, 2)) + (g * g).sum(-1)[:, None]).clamp_min(0.0)
+            kk = min(self.k_pixels, d.shape[-1])
+            v = d.min(-1, keepdim=True).values if kk == 1 else torch.topk(d, kk, dim=-1, largest=False).values
+            best = v if best is None else torch.topk(torch.cat([best, v], -1), min(self.k_pixels, best.shape[-1] + kk),
+                                                     dim=-1, largest=False).values
+        return best[..., : self.k_pixels].mean(-1)
+
+
+class SPADEModule(nn.Module):
+    def __init__(self, embed: SPADEEmbed, head: SPADEHead):
+        super().__init__()
+        self.embed, self.head = embed, head
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+@register("spade")
+class SPADE(FrozenFeatureDetector):
+    """SPADE. ``train_global_`` [N, Cg] and ``train_pyramid_`` [N, H, W, C] (float16) after fit."""
+
+    defaults = dict(backbone="wide_resnet50_2", layers=("layer1", "layer2", "layer3"), batch_size=8)
+
+    def __init__(self, *, image_layer="layer4", k_images=50, k_pixels=1, blur_sigma=4.0, **common):
+        super().__init__(**common)
+        self.image_layer = image_layer
+        self.k_images = k_images
+        self.k_pixels = k_pixels
+        self.blur_sigma = blur_sigma
+
+    def _check_own_params(self):
+        check(lambda: isinstance(self.k_images, int) and self.k_images >= 1, "k_images", "a positive int", self.k_images)
+        check(lambda: isinstance(self.k_pixels, int) and self.k_pixels >= 1, "k_pixels", "a positive int", self.k_pixels)
+        check(isinstance(self.image_layer, str), "image_layer", "a layer name", self.image_layer)
+        check(lambda: self.blur_sigma >= 0, "blur_sigma", "a number >= 0", self.blur_sigma)
+
+    def _backbone_layers(self):
+        return tuple(self.layers) + ((self.image_layer,) if self.image_layer not in self.layers else ())
+
+    def _embedder(self, net):
+        return SPADEEmbed(net, self.layers, self.image_layer)
+
+    def _head(self, glob, pyr) -> SPADEHead:
+        return SPADEHead(torch.as_tensor(glob), torch.as_tensor(pyr), self.k_images, self.k_pixels,
+                         self.preprocessing.size, self.blur_sigma)
+
+    def _build_module(self):
+        return SPADEModule(self._embedder(self._network()), self._head(self.train_global_, self.train_pyramid_))
+
+    def _begin(self, n_fit, n_val):
+        self._globs, self._pyrs, self._masks = [], [], []
+
+    def _collect(self, emb, held):
+        glob, pyr = emb
+        self._globs.append(glob.numpy().copy())
+        self._pyrs.append(pyr.numpy().astype(np.float16))
+        self._masks.append(held)
+
+    def _finish(self):
+        held = np.concatenate(self._masks)
+        glob, pyr = np.concatenate(self._globs), np.concatenate(self._pyrs)
+        del self._globs, self._pyrs, self._masks
+        self.train_global_, self.train_pyramid_ = glob, pyr
+        if not held.any():
+            return None
+        head = self._head(glob[~held], pyr[~held])  # the gallery without the validation images
+        scores, maps = [], []
+        with torch.inference_mode():
+            idx = np.flatnonzero(held)
+            for start in range(0, len(idx), self.batch_size):
+                at = idx[start : start + self.batch_size]
+                s, m = head((torch.from_numpy(glob[at]), torch.from_numpy(pyr[at].astype(np.float32))))
+                scores.append(s.numpy())
+                maps.append(m.numpy())
+        return Validation(np.concatenate(scores), np.concatenate(maps))
+
+    def _state(self):
         return {"train_global": self.train_global_, "train_pyramid": self.train_pyramid_}
 
-    def _load_arrays(self, arrays):
-        self.train_global_ = arrays["train_global"]
-        self.train_pyramid_ = arrays["train_pyramid"]
+    def _load_state(self, state):
+        self.train_global_ = np.asarray(state["train_global"], np.float32)
+        self.train_pyramid_ = np.asarray(state["train_pyramid"], np.float16)

@@ -125,7 +125,9 @@ class GaussianAccumulator:
         return self._shift[q] + s1 / self.count, self._s2[q] - s1[:, rows] * s1[:, cols] / self.count
 
     def merge(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
-        """A new accumulator holding the statistics of both (Chan et al.)."""
+        """A new accumulator holding the statistics of both (Chan et al.), in the same
+        shifted form ``update`` keeps (a float32-representable shift), so it can be
+        updated further and finalizes like a single-pass fit."""
         parts = [a for a in (self, other) if a.count]
         out = GaussianAccumulator(self.eps, self.dtype)
         if not parts:
@@ -133,20 +135,42 @@ class GaussianAccumulator:
         mean, scatter = parts[0]._moments()
         count = parts[0].count
         for acc in parts[1:]:
+            if acc._shift.shape != parts[0]._shift.shape:
+                raise ValueError(f"other: positions/channels {acc._shift.shape} differ from {parts[0]._shift.shape}")
             m_b, s_b = acc._moments()
             delta = m_b - mean
             rows, cols = np.tril_indices(delta.shape[1])
             scatter = scatter + s_b + (delta[:, rows] * delta[:, cols]) * (count * acc.count / (count + acc.count))
             mean = mean + delta * (acc.count / (count + acc.count))
             count += acc.count
-        out._shift, out._s1, out._s2, out.count = mean, np.zeros_like(mean), scatter, count
+        shift = mean.astype(np.float32).astype(np.float64)
+        s1 = (mean - shift) * count  # S1 = Σ(x - K), S2 = scatter + S1 S1ᵀ / n
+        rows, cols = np.tril_indices(mean.shape[1])
+        out._shift, out._s1, out._s2, out.count = shift, s1, scatter + s1[:, rows] * s1[:, cols] / count, count
         return out
 
-    def finalize(self) -> GaussianModel:
-        """The fitted model: Σ = scatter/(N-1) + eps·I, factor A = L⁻¹."""
+    def finalize(self, holdout=None):
+        """The fitted model: Σ = scatter/(N-1) + eps·I, factor A = L⁻¹.
+
+        ``holdout`` [h, P, d]: features of h images that are *included* in this
+        accumulator. Then also returns their distances [h, P] under the Gaussians
+        fitted without them, from the same factorisation: with n = N - h,
+        Σₙ = c·Σ − VVᵀ where c = (N-1)/(n-1) and V holds the held-out deviations
+        and the mean shift (rank h+1), when that model's eps is eps·c; Woodbury then
+        gives zᵀΣₙ⁻¹z = ‖y‖²/c + bᵀ(I − WᵀW/c)⁻¹b with y = Az, W = AV, b = Wᵀy/c.
+        One Cholesky per position instead of two (a held-out threshold for free).
+        """
         if self._shift is None or self.count < 2:
             raise ValueError("features: need at least 2 images to estimate a covariance")
         p, d = self._shift.shape
+        held = None
+        if holdout is not None:
+            held = _validate.array(holdout, "holdout", 3)
+            if held.shape[1:] != (p, d):
+                raise ValueError(f"holdout: expected [h, {p}, {d}], got {held.shape}")
+            if self.count - len(held) < 2:
+                raise ValueError(f"holdout: {len(held)} of {self.count} images leaves fewer than 2 to fit")
+            held_dist = np.empty((len(held), p), np.float32)
         flat, sym = _packed_index(d), _symmetric_index(d)
         factor = np.empty((p, d * (d + 1) // 2), dtype=self.dtype)
         mean = np.empty((p, d), dtype=np.float32)
@@ -154,7 +178,8 @@ class GaussianAccumulator:
 
         def chunk(q: slice) -> None:
             s1 = self._s1[q]
-            mean[q] = self._shift[q] + s1 / self.count
+            mean64 = self._shift[q] + s1 / self.count
+            mean[q] = mean64
             # scatter = S2 - S1 S1ᵀ / n, unpacked to full symmetric matrices in one gather
             cov = np.take(self._s2[q], sym, axis=1).reshape(len(s1), d, d)
             cov -= s1[:, :, None] * (s1[:, None, :] / self.count)
@@ -162,6 +187,8 @@ class GaussianAccumulator:
             cov[:, diag, diag] += self.eps
             a = _inverse_cholesky(cov)
             factor[q] = _cast_factor(np.take(a.reshape(len(a), d * d), flat, axis=1), self.dtype)
+            if held is not None:
+                held_dist[:, q] = _downdated_distances(a, mean64, held[:, q].astype(np.float64), self.count).T
 
         # chunks run by as many threads as torch uses (the batched LAPACK calls and
         # the gathers are mostly serial inside: P=4096, d=100 on 2 cores, 1.15 s ->
@@ -179,7 +206,32 @@ class GaussianAccumulator:
 
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(chunk, chunks))
-        return GaussianModel(mean, factor, self.eps, self.count)
+        model = GaussianModel(mean, factor, self.eps, self.count)
+        return model if held is None else (model, held_dist)
+
+
+def _downdated_distances(a: np.ndarray, mean_all: np.ndarray, x: np.ndarray, total: int) -> np.ndarray:
+    """Mahalanobis distances [c, h] of the held-out x [h, c, d] under the Gaussians
+    fitted without them (eps scaled by c = (N-1)/(n-1)), from A = L⁻¹ [c, d, d] of
+    the Gaussians fitted with them (see ``GaussianAccumulator.finalize``)."""
+    import torch
+
+    h = x.shape[0]
+    n = total - h
+    scale = (total - 1) / (n - 1)
+    mu_h = x.mean(0)  # [c, d]
+    mu_n = (total * mean_all - h * mu_h) / n
+    u = np.concatenate([(x - mu_h).transpose(1, 2, 0),  # [c, d, h]
+                        (np.sqrt(n * h / total) * (mu_h - mu_n))[:, :, None]], axis=2) / np.sqrt(n - 1)
+    at = torch.from_numpy(a)
+    w = at @ torch.from_numpy(u)  # [c, d, r]
+    y = at @ torch.from_numpy(np.ascontiguousarray((x - mu_n).transpose(1, 2, 0)))  # [c, d, h]
+    eye = torch.eye(w.shape[2], dtype=w.dtype)
+    g = eye - w.transpose(1, 2) @ w / scale  # [c, r, r], positive definite
+    b = w.transpose(1, 2) @ y / scale  # [c, r, h]
+    sol = torch.cholesky_solve(b, torch.linalg.cholesky(g))
+    d2 = (y * y).sum(1) / scale + (b * sol).sum(1)
+    return d2.clamp_min(0).sqrt().numpy()
 
 
 def _solver_threads() -> int:

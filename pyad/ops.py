@@ -1,0 +1,251 @@
+"""Torch modules for the one inference path.
+
+Each op runs pyad's fast CPU implementation (the compiled kernels, or faiss for
+the nearest-neighbour search) in eager mode on the CPU, and a pure-torch twin
+everywhere else: on CUDA, under ``torch.export`` / ``torch.compile`` / ONNX
+export, and inside ``portable()``. The twins define the same function (tested
+equal), so ``predict``, evaluation, the CLI and exported models compute the
+same scores whichever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PORTABLE = contextvars.ContextVar("pyad_portable", default=False)
+
+
+@contextlib.contextmanager
+def portable():
+    """Force the pure-torch twins (what an exported model runs) in this block."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+def fast_path(x: torch.Tensor) -> bool:
+    """True when the CPU fast path may run: eager mode, a CPU tensor, not ``portable()``."""
+    return (x.device.type == "cpu" and not _PORTABLE.get() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
+# -- channel pooling and the PatchCore embedding ----------------------------------------------------------
+def _adaptive_windows(length: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``adaptive_avg_pool1d`` as a gather: bin i averages x[floor(i·L/out) : ceil((i+1)·L/out)].
+    Returns (index [out, w] int64, weight [out, w] float32) with zero weight on padding."""
+    starts = [(i * length) // out for i in range(out)]
+    ends = [-((-(i + 1) * length) // out) for i in range(out)]
+    w = max(e - s for s, e in zip(starts, ends))
+    index = np.zeros((out, w), np.int64)
+    weight = np.zeros((out, w), np.float32)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        index[i, : e - s] = np.arange(s, e)
+        weight[i, : e - s] = 1.0 / (e - s)
+    return torch.from_numpy(index), torch.from_numpy(weight)
+
+
+def channel_pool(x: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """Adaptive average over the last axis, [..., L] -> [..., out_dim]; the kernel
+    on the CPU fast path, an exportable gather-and-weight twin elsewhere."""
+    if x.shape[-1] == out_dim:
+        return x
+    if fast_path(x):
+        from . import kernels as K
+
+        return K.channel_pool(x.contiguous(), out_dim)
+    index, weight = _adaptive_windows(x.shape[-1], out_dim)
+    index, weight = index.to(x.device), weight.to(x.device, x.dtype)
+    return (x[..., index] * weight).sum(-1)
+
+
+class PatchEmbed(nn.Module):
+    """Neighbourhood aggregation + channel reduction, [B, C, H, W] -> [B, H', W', D]
+    (``pyad.kernels.patch_embed``): "unfold" is the official PatchCore per-layer
+    embedding (zero-padded C×k×k neighbourhood, channel-major, adaptive average
+    to ``out_dim``), "avg" / "max" / "avgmax" pool each channel first."""
+
+    def __init__(self, out_dim: int | None, kernel: int = 3, stride: int = 1, padding: int = 1, mode: str = "unfold"):
+        super().__init__()
+        self.out_dim, self.kernel, self.stride, self.padding, self.mode = out_dim, kernel, stride, padding, mode
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        k, s, p = self.kernel, self.stride, self.padding
+        c = fmap.shape[1]
+        dim = self.out_dim or (c * k * k if self.mode == "unfold" else c * (2 if self.mode == "avgmax" else 1))
+        if fast_path(fmap):
+            from . import kernels as K
+
+            if self.out_dim is None and self.mode != "unfold":
+                return K.patch_pool(fmap.contiguous(), k, s, p, self.mode)
+            return K.patch_embed(fmap.contiguous(), dim, k, s, p, self.mode)
+        if self.mode == "unfold":
+            b = fmap.shape[0]
+            ho = (fmap.shape[2] + 2 * p - k) // s + 1
+            wo = (fmap.shape[3] + 2 * p - k) // s + 1
+            cols = F.unfold(fmap, k, padding=p, stride=s)  # [B, C*k*k, L], channel-major
+            return channel_pool(cols.transpose(1, 2), dim).reshape(b, ho, wo, dim)
+        parts = []
+        if self.mode in ("avg", "avgmax"):
+            parts.append(F.avg_pool2d(fmap, k, s, p))
+        if self.mode in ("max", "avgmax"):
+            parts.append(F.max_pool2d(fmap, k, s, p))
+        return channel_pool(torch.cat(parts, 1).permute(0, 2, 3, 1), dim)
+
+
+# -- nearest neighbours ------------------------------------------------------------------------------------
+class NearestNeighbours(nn.Module):
+    """Exact k-nearest neighbours of query rows in a bank, squared L2 distances (the
+    official PatchCore's faiss ``IndexFlatL2``). CPU fast path: faiss (or an HNSW
+    graph with ``index="hnsw"``: approximate); twin: chunked matmul + min/top-k.
+
+    ``forward(q [N, D]) -> (sqdist [N, k], index [N, k] int64)``, nearest first.
+    """
+
+    def __init__(self, bank: torch.Tensor, k: int = 1, index: str = "flat", chunk: int = 8192):
+        super().__init__()
+        self.register_buffer("bank", bank.float().contiguous())
+        self.k, self.index, self.chunk = k, index, chunk
+        self._faiss = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_faiss"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def faiss_index(self):
+        """The faiss index over ``bank``, built once on first use (thread-safe)."""
+        if self._faiss is None:
+            with self._lock:
+                if self._faiss is None:
+                    import faiss
+
+                    d = self.bank.shape[1]
+                    index = faiss.IndexHNSWFlat(d, 32) if self.index == "hnsw" else faiss.IndexFlatL2(d)
+                    index.add(self.bank.numpy())
+                    self._faiss = index
+        return self._faiss
+
+    def forward(self, q: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(k or self.k, self.bank.shape[0])
+        if fast_path(q):
+            dist, idx = self.faiss_index().search(np.ascontiguousarray(q.detach().numpy(), dtype=np.float32), k)
+            return torch.from_numpy(dist), torch.from_numpy(idx)
+        return knn(q, self.bank, k, self.chunk)
+
+
+def knn(q: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-NN in torch: ‖q‖² − 2q·b + ‖b‖² per bank chunk, the k smallest kept."""
+    q = q.float()
+    qq = (q * q).sum(1, keepdim=True)
+    best_d, best_i = None, None
+    for start in range(0, bank.shape[0], chunk):
+        b = bank[start : start + chunk]
+        d = (qq - 2.0 * (q @ b.T) + (b * b).sum(1)[None]).clamp_min(0.0)
+        kk = min(k, b.shape[0])
+        if kk == 1:
+            v, i = d.min(1, keepdim=True)
+        else:
+            v, i = torch.topk(d, kk, dim=1, largest=False)
+        i = i + start
+        if best_d is None:
+            best_d, best_i = v, i
+        else:
+            best_d, order = torch.cat([best_d, v], 1).sort(1, stable=True)
+            best_i = torch.cat([best_i, i], 1).gather(1, order)
+            best_d, best_i = best_d[:, :k], best_i[:, :k]
+    return best_d, best_i
+
+
+# -- Mahalanobis -------------------------------------------------------------------------------------------
+class Mahalanobis(nn.Module):
+    """Per-position Mahalanobis distance with the packed inverse Cholesky factor of
+    ``pyad.kernels.GaussianModel`` (Σ⁻¹ = AᵀA): ``forward(x [B, P, d]) -> [B, P]``.
+    CPU fast path: the compiled kernel; twin: position chunks unpacked and batched GEMM."""
+
+    def __init__(self, mean: torch.Tensor, factor: torch.Tensor, eps: float, count: int, chunk_bytes: int = 64 << 20):
+        super().__init__()
+        self.register_buffer("mean", mean.float().contiguous())
+        self.register_buffer("factor", factor.contiguous())  # float32 or float16, packed rows
+        self.eps, self.count, self.chunk_bytes = float(eps), int(count), chunk_bytes
+        d = mean.shape[1]
+        rows, cols = np.tril_indices(d)
+        self.register_buffer("_flat", torch.from_numpy(rows * d + cols), persistent=False)
+
+    def model(self):
+        from . import kernels as K
+
+        return K.GaussianModel(self.mean.numpy(), self.factor.numpy(), self.eps, self.count)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast_path(x):
+            from . import kernels as K
+
+            return K.mahalanobis(x.contiguous(), self.model())
+        p, d = self.mean.shape
+        step = max(1, self.chunk_bytes // (4 * d * d))
+        out = []
+        for start in range(0, p, step):
+            f = self.factor[start : start + step].float()
+            a = f.new_zeros(f.shape[0], d * d).index_copy(1, self._flat, f).view(-1, d, d)
+            z = (x[:, start : start + step] - self.mean[start : start + step]).transpose(0, 1)  # [c, B, d]
+            y = torch.bmm(z, a.transpose(1, 2))
+            out.append(y.square().sum(-1).sqrt().transpose(0, 1))
+        return torch.cat(out, 1)
+
+
+# -- maps ----------------------------------------------------------------------------------------------------
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The 1-d kernel of ``scipy.ndimage.gaussian_filter`` (truncate 4)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """numpy 'symmetric' (scipy 'reflect') padding along ``dim``, any r."""
+    n = x.shape[dim]
+    idx = torch.arange(-r, n + r, device=x.device) % (2 * n)
+    idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    return x.index_select(dim, idx)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(m, sigma)`` per map (truncate 4, mode 'reflect'),
+    as the official PatchCore and PaDiM code smooth anomaly maps. [B, H, W]."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel(sigma).to(maps.device, maps.dtype)
+    r = (len(k) - 1) // 2
+    out = maps[:, None]
+    out = F.conv2d(_symmetric_pad(out, r, 2), k.view(1, 1, -1, 1))
+    out = F.conv2d(_symmetric_pad(out, r, 3), k.view(1, 1, 1, -1))
+    return out[:, 0]
+
+
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W], bilinear (align_corners=False, no antialias: the same in
+    every path, as torch, ONNX Runtime and the official codes resize maps)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def log2_ceil(n: int) -> int:
+    return int(math.ceil(math.log2(max(1, n))))

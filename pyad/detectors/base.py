@@ -266,6 +266,8 @@ class Detector:
     def _split_validation(self, items: list, validation, labels):
         """(fit items, validation items, fit labels): a seeded share of ``items``, or
         explicit validation images."""
+        if len(items) < 2:
+            raise ValueError(f"train: need at least 2 training images, got {len(items)}")
         if validation is not None and not isinstance(validation, (int, float)):
             val_items = imgs.as_items(_split(validation, "train"), "validation")
             return items, val_items, labels

@@ -5,6 +5,7 @@ from .autoencoder import AutoEncoder
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
 from .padim import PaDiM
 from .patchcore import PatchCore
+from .simplenet import SimpleNet
 from .spade import SPADE
 
-__all__ = ["REGISTRY", "AutoEncoder", "Detector", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SPADE", "clone", "load"]
+__all__ = ["REGISTRY", "AutoEncoder", "Detector", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "clone", "load"]

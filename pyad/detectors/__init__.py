@@ -3,12 +3,10 @@ each stable lower-case name (saved in model files, used by the CLI) to its class
 
 from .autoencoder import AutoEncoder
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
-from .efficientad import EfficientAD
 from .ganomaly import GANomaly
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .simplenet import SimpleNet
 from .spade import SPADE
-from .vae import VAE
 
-__all__ = ["REGISTRY", "AutoEncoder", "Detector", "EfficientAD", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "VAE", "clone", "load"]
+__all__ = ["REGISTRY", "AutoEncoder", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "clone", "load"]

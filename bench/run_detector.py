@@ -1,6 +1,6 @@
 """Fit and test one detector on MVTec AD bottle in this process and print JSON:
 fit seconds, predict ms per image (all 83 test images, batched), per-stage
-latency (seed 003 §3.4: batch 1, 3 warm-up and 5 timed runs per image, mean per
+latency (Baßler, KIT master's thesis §3.4: batch 1, 3 warm-up and 5 timed runs per image, mean per
 image, on the first ``--stage-images`` test images), image/pixel AUROC and the
 peak resident memory of the process during fit and predict (read before the
 metrics, whose full-resolution pixel AUROC needs memory of its own). Run by test_bench_detectors.py, one

@@ -17,7 +17,7 @@ numba.
 from ._version import __version__
 from . import kernels
 
-_LAZY = {"PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
+_LAZY = {"PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
 _MODULES = {"datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops"}
 
@@ -34,9 +34,28 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyad' has no attribute {name!r}")
 
 
+def set_threads(n: int) -> None:
+    """Threads for everything pyad runs: torch (intra-op), the compiled and numba
+    kernels (OpenMP) and faiss. A service that predicts from several threads should
+    give each request few threads (e.g. ``set_threads(1)`` with one request per core):
+    oversubscribed cores make every call slower."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    import torch
+
+    torch.set_num_threads(n)
+    kernels.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        pass
+
+
 def info() -> dict:
     """Version and the kernels in use: ``{"version", "backend", "isa", "threads", ...}``."""
     return {"version": __version__, **kernels.info()}
 
 
-__all__ = ["__version__", "info", "kernels", *sorted(_LAZY | _EVALUATION | _MODULES)]
+__all__ = ["__version__", "info", "kernels", "set_threads", *sorted(_LAZY | _EVALUATION | _MODULES)]

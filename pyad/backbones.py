@@ -2,7 +2,7 @@
 unchanged (torchvision itself is not imported).
 
 ``Backbone(name, layers, weights)`` builds a network only up to the deepest
-requested layer (seed 003 §3.5.2: unused layers cost time) and returns the
+requested layer (unused layers only cost time) and returns the
 requested feature maps by name. ResNets tap ``layer1``..``layer4``; MobileNetV2
 taps ``features.N`` and also answers to ``layer1``..``layer4`` (strides 4, 8, 16,
 32: ``features.3/6/13/17``), so detector defaults work with either family.

@@ -20,16 +20,19 @@ EPILOG = ("exit codes: 0 success; 2 bad usage or input (the message names the ar
 
 
 # -- shared options ------------------------------------------------------------------------------
-def _detector_options(p: argparse.ArgumentParser, model_default: str = "PatchCore") -> None:
+def _detector_options(p: argparse.ArgumentParser, model_default: str = "patchcore") -> None:
+    from .backbones import NAMES
+    from .detectors import REGISTRY
+
     g = p.add_argument_group("detector")
     g.add_argument("--model", default=model_default, metavar="NAME",
-                   help=f"detector: PatchCore, PaDiM or SPADE, case-insensitive (default {model_default})")
+                   help=f"detector: {', '.join(sorted(REGISTRY))}, case-insensitive (default {model_default})")
     g.add_argument("--backbone", metavar="NAME",
-                   help="resnet18, resnet34, resnet50, wide_resnet50_2, wide_resnet101_2, mobilenet_v2 "
-                        "(default: the detector's own, e.g. wide_resnet50_2 for PatchCore)")
+                   help=f"{', '.join(NAMES)} (default: the detector's own, e.g. wide_resnet50_2 for patchcore)")
     g.add_argument("--weights", metavar="W",
-                   help="'imagenet' (official torchvision checkpoint, downloaded once, hash-checked), a path to a "
-                        "checkpoint in torchvision layout, or 'none' for seeded random init (default: the detector's)")
+                   help="'imagenet' (the official checkpoint: an installed weights package, the torch hub cache, "
+                        "or downloaded once, hash-checked), a checkpoint path (torchvision / efficientnet_pytorch "
+                        "layout), or 'none' for seeded random init (default: the detector's)")
     g.add_argument("--layers", metavar="L1,L2", help="comma-separated feature layers, e.g. layer2,layer3")
     g.add_argument("--image-size", type=int, metavar="N", help="square resize before the network")
     g.add_argument("--crop-size", metavar="N", help="centre crop after resizing, or 'none'")
@@ -44,11 +47,16 @@ def _detector_options(p: argparse.ArgumentParser, model_default: str = "PatchCor
 def _make_detector(args):
     import pyad
 
-    names = {k.lower(): k for k in pyad.REGISTRY}
-    if args.model.lower() not in names:
+    name = args.model.lower()
+    if name not in pyad.REGISTRY:
         raise ValueError(f"--model: expected one of {', '.join(sorted(pyad.REGISTRY))}, got {args.model!r}")
-    cls = pyad.REGISTRY[names[args.model.lower()]]
+    cls = pyad.REGISTRY[name]
+    known = cls._param_names()
     params = {}
+    for flag, key, value in (("--backbone", "backbone", args.backbone), ("--weights", "weights", args.weights),
+                             ("--layers", "layers", args.layers)):
+        if value is not None and key not in known:
+            raise ValueError(f"{flag}: {name} takes no {key}")
     if args.backbone:
         params["backbone"] = args.backbone
     if args.weights:
@@ -60,7 +68,6 @@ def _make_detector(args):
             params[key] = getattr(args, key)
     if args.crop_size is not None:
         params["crop_size"] = None if args.crop_size.lower() == "none" else _int(args.crop_size, "--crop-size")
-    known = cls._param_names()
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -72,8 +79,13 @@ def _make_detector(args):
         if isinstance(params[key], list):
             params[key] = tuple(params[key])
     det = cls(**params)
-    det._check_params()
-    det._check_own_params()
+    try:
+        det._check_params()
+    except ValueError as exc:  # name the option the user typed
+        key = str(exc).split(":", 1)[0]
+        flag = f"--{key.replace('_', '-')}" if key in ("backbone", "weights", "layers", "image_size", "crop_size",
+                                                       "device", "batch_size", "seed") else f"--set {key}"
+        raise ValueError(f"{flag}: {str(exc).split(': ', 1)[1]}") from None
     return det
 
 
@@ -93,21 +105,54 @@ def _datasets(data: str, categories: list[str] | None):
     return D.load_all(root, categories or None)
 
 
-def _expand(paths: list[str]) -> list[Path]:
+def _expand(paths: list[str], what: str = "images") -> list[Path]:
+    """Image files of the given files and folders: folders are searched recursively,
+    skipping ``ground_truth`` (MVTec masks) and hidden folders; one rule for fit and predict."""
     from .images import EXTENSIONS
 
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in EXTENSIONS)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in EXTENSIONS
+                           and not any(part == "ground_truth" or part.startswith(".")
+                                       for part in q.relative_to(p).parts[:-1]))
             if not found:
-                raise ValueError(f"images: no image files in {p}")
+                raise ValueError(f"{what}: no image files in {p}")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise ValueError(f"images: {p} does not exist")
+            raise ValueError(f"{what}: {p} does not exist")
     return out
+
+
+def _output_file(path: str, flag: str) -> Path:
+    """An output file path checked before any work: its folder exists and is
+    writable, and it is not a folder."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag}: {p} is a folder; expected a file path (e.g. {p / 'model.pyad'})")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{flag}: cannot write {p} (permission denied)")
+    return p
+
+
+def _output_folder(path: str, flag: str) -> Path:
+    """An output folder checked before any work: it exists or can be made, and is writable."""
+    import os
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag}: {p} exists and is not a folder")
+    parent = p if p.exists() else next((q for q in p.parents if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write into {parent} (permission denied)")
+    return p
 
 
 def _say(args, *lines) -> None:
@@ -116,12 +161,14 @@ def _say(args, *lines) -> None:
             print(line, flush=True)
 
 
-def _load_model(path: str):
+def _load_model(path: str, weights: str | None = None):
     import pyad
 
     if not Path(path).is_file():
         raise ValueError(f"model: {path} is not a file (make one with pyad fit)")
-    return pyad.load(path)
+    if Path(path).suffix == ".onnx":
+        return pyad.load(path)
+    return pyad.load(path, weights=weights)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -145,70 +192,93 @@ def _info(args) -> int:
 def _fit(args) -> int:
     from . import datasets as D
 
+    out = _output_file(args.out, "--out")
     det = _make_detector(args)
     root = Path(args.data)
+    if not root.exists():
+        raise ValueError(f"--data: {root} does not exist")
     if (root / "train").is_dir() or args.category:
         train = D.load(root, args.category)
         what = f"{train.name}: {len(train.train)} training images"
+    elif root.is_dir() and any((p / "train").is_dir() for p in root.iterdir() if p.is_dir()):
+        found = D.categories(root)
+        raise ValueError(f"--data: {root} holds several categories ({', '.join(found)}); pick one with --category")
     elif root.is_dir():
-        train = root
-        what = f"the images in {root}"
+        train = _expand([str(root)], "--data")
+        what = f"{len(train)} images in {root}"
     else:
         raise ValueError(f"--data: {root} is not a folder")
-    _say(args, f"fitting {type(det).__name__} on {what}")
+    checkpoint = _output_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
+    _say(args, f"fitting {det!r} on {what}")
     t0 = time.perf_counter()
-    det.fit(train)
-    det.save(args.out)
-    _say(args, f"fitted in {time.perf_counter() - t0:.1f} s; threshold {det.threshold_} ({det.threshold_rule_})",
-         f"wrote {args.out}")
+    det.fit(train, checkpoint=checkpoint)
+    det.save(out, include_weights=args.include_weights)
+    thr = "none" if det.threshold_ is None else f"{det.threshold_:.6g}"
+    _say(args, f"fitted in {time.perf_counter() - t0:.1f} s; threshold {thr}: {det.threshold_rule_}", f"wrote {out}")
     return EXIT_OK
 
 
 def _predict(args) -> int:
+    import csv
+    import io
+
     import numpy as np
+    from PIL import Image
 
     from . import plots
+    from .detectors.base import mask_of
     from .images import read_image
+    from .modelfile import atomic_write
 
-    det = _load_model(args.model)
+    out = _output_folder(args.out, "--out") if args.out else None
+    det = _load_model(args.model, args.weights)
     paths = _expand(args.images)
-    pred = det.predict(paths)
-    rows = [{"path": str(p), "score": float(s), "anomalous": None if pred.labels is None else bool(l)}
-            for p, s, l in zip(paths, pred.scores, pred.labels if pred.labels is not None else [None] * len(paths))]
-    out = Path(args.out) if args.out else None
+    names = dict(zip(map(str, paths), _unique_names(paths)))
+    pictures = out is not None and not args.no_pictures
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        names = _unique_names(paths)
-        if args.format == "csv":
-            import csv
-
-            with open(out / "scores.csv", "w", newline="") as f:
-                w = csv.writer(f, lineterminator="\n")
-                w.writerow(["path", "score", "anomalous"])
-                w.writerows([r["path"], f"{r['score']:.6g}", "" if r["anomalous"] is None else int(r["anomalous"])]
-                            for r in rows)
-        else:
-            (out / "scores.json").write_text(json.dumps({"threshold": det.threshold_, "images": rows}, indent=1))
-        if not args.no_pictures:
-            maps = list(pred.maps)
-            vmin = float(min(m.min() for m in maps))
-            vmax = float(max(max(m.max() for m in maps), det.threshold_ if det.threshold_ is not None else -np.inf))
+        if pictures:
             (out / "overlays").mkdir(exist_ok=True)
             if det.threshold_ is not None:
                 (out / "masks").mkdir(exist_ok=True)
-            for p, name, m in zip(paths, names, maps):
-                plots.save_overlay(out / "overlays" / f"{name}.png", read_image(p), m, vmin, vmax)
-                if det.threshold_ is not None:
-                    from PIL import Image
-
-                    Image.fromarray(((m > det.threshold_) * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
-    if not args.quiet or not out:
-        for r in rows:
-            flag = "" if r["anomalous"] is None else ("  anomalous" if r["anomalous"] else "  normal")
-            print(f"{r['score']:12.5g}{flag}  {r['path']}")
+    vmin = vmax = None
+    rows, skipped = [], []
+    # streamed: each batch's outputs are written as it is scored (bounded memory)
+    for s in det.predict_iter(paths, maps="full" if pictures else "none", on_error="skip" if args.skip_bad else "raise"):
+        if s.error:
+            skipped.append(s)
+            print(f"pyad: skipped {s.path}: {s.error}", file=sys.stderr)
+            continue
+        rows.append({"path": s.path, "score": s.score, "anomalous": s.label})
+        if not out:
+            flag = "" if s.label is None else ("  anomalous" if s.label else "  normal")
+            print(f"{s.score:12.5g}{flag}  {s.path}", flush=True)
+        if pictures:
+            if vmin is None:
+                vmin, vmax = plots.map_scale(det, [s.map])
+            name = names[s.path]
+            image = read_image(s.path)
+            plots.annotated_overlay(image, s.map, vmin, vmax, score=s.score, threshold=det.threshold_,
+                                    pixel_threshold=det.pixel_threshold_, label=s.label,
+                                    box=plots.covered(det, image.shape[:2])).save(out / "overlays" / f"{name}.png")
+            if det.threshold_ is not None:
+                mask = mask_of(s.map, bool(s.label), det.pixel_threshold_)
+                Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
     if out:
-        _say(args, f"wrote {out}/scores.{args.format}" + ("" if args.no_pictures else f", {out}/overlays/"
-                                                            + (f", {out}/masks/" if det.threshold_ is not None else "")))
+        if args.format == "csv":
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["path", "score", "anomalous"])
+            w.writerows([r["path"], f"{r['score']:.6g}", "" if r["anomalous"] is None else int(r["anomalous"])]
+                        for r in rows)
+            atomic_write(out / "scores.csv", buf.getvalue().encode())
+        else:
+            doc = {"threshold": det.threshold_, "pixel_threshold": det.pixel_threshold_, "images": rows,
+                   "skipped": [{"path": s.path, "error": s.error} for s in skipped]}
+            atomic_write(out / "scores.json", json.dumps(doc, indent=1).encode())
+        _say(args, f"wrote {out}/scores.{args.format}" + ("" if not pictures else f", {out}/overlays/"
+                                                           + (f", {out}/masks/" if det.threshold_ is not None else ""))
+             + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
     return EXIT_OK
 
 
@@ -225,12 +295,18 @@ def _unique_names(paths: list[Path]) -> list[str]:
 def _evaluate(args) -> int:
     from .evaluation import evaluate
 
+    out = _output_folder(args.out, "--out")
     datasets = _datasets(args.data, args.category)
-    det = _load_model(args.load) if args.load else _make_detector(args)
+    save = None
+    if args.save_model:
+        save = _output_file(args.save_model, "--save-model") if len(datasets) == 1 else \
+            _output_folder(args.save_model, "--save-model")
+    det = _load_model(args.load, args.weights) if args.load else _make_detector(args)
     if args.load and len(datasets) > 1:
         raise ValueError("--load: a saved model belongs to one category; pass --category too")
     _pictures_hint(args)
-    report = evaluate(det, datasets, out=args.out, pictures=not args.no_pictures)
+    report = evaluate(det, datasets, out=out, pictures=not args.no_pictures, per_defect=args.per_defect,
+                      save_model=save)
     print(report.to_markdown())
     _say(args, f"wrote {args.out}/results.md, .csv, .json" + ("" if args.no_pictures else " and pictures"))
     return EXIT_OK
@@ -250,36 +326,36 @@ def _pictures_hint(args) -> None:
 def _bench(args) -> int:
     from .evaluation import benchmark_json, latency
 
-    det = _load_model(args.model)
+    json_out = _output_file(args.json, "--json") if args.json else None
+    det = _load_model(args.model, args.weights)
     paths = _expand(args.images)
     sizes = [_int(b, "--batch-sizes") for b in args.batch_sizes.split(",")]
     lat = latency(det, paths, warmup=args.warmup, runs=args.runs, batch_sizes=sizes, max_images=args.max_images)
     fit = f"; fitted on {det.n_train_} images in {det.fit_seconds_:.1f} s" if det.fit_seconds_ is not None else ""
-    _say(args, f"{type(det).__name__} ({det.backbone}), {len(lat.per_image)} images, {args.warmup} warm-up + "
-               f"{args.runs} timed runs each{fit}")
+    _say(args, f"{det!r}, {len(lat.per_image)} images, {args.warmup} warm-up + {args.runs} timed runs each{fit}")
     print(lat.to_markdown())
-    if args.json:
-        doc = benchmark_json(lat, f"{type(det).__name__}-{det.backbone}",
+    if json_out:
+        from .modelfile import atomic_write
+
+        doc = benchmark_json(lat, f"{det.name}-{getattr(det, 'backbone', '')}".rstrip("-"),
                              {"model": str(args.model), "fit_seconds": det.fit_seconds_, "n_train": det.n_train_})
-        Path(args.json).write_text(json.dumps(doc, indent=1))
-        _say(args, f"wrote {args.json} (pytest-benchmark format: pytest-benchmark compare {args.json})")
+        atomic_write(json_out, json.dumps(doc, indent=1).encode())
+        _say(args, f"wrote {json_out} (pytest-benchmark format: pytest-benchmark compare {json_out})")
     return EXIT_OK
 
 
 def _demo(args) -> int:
     """The main job: fit and evaluate on the synthetic default or on --data."""
-    import tempfile
-
     from . import datasets as D
 
+    out = _output_folder(args.out, "--out")
     if args.data:
         _say(args, f"data: {args.data}")
         return _demo_on(args, _datasets(args.data, args.category))
-    with tempfile.TemporaryDirectory(prefix="pyad-demo-") as tmp:
-        data_dir = Path(args.out) / "data" if args.keep_data else Path(tmp)
-        _say(args, f"data: a synthetic MVTec-layout dataset (texture + object; perlin and cut-paste defects with "
-                   f"exact masks) in {data_dir}" + ("" if args.keep_data else " (temporary; --keep-data keeps it)"))
-        return _demo_on(args, D.synthetic(data_dir, seed=args.seed or 0))
+    data_dir = out / "data"  # kept: the per-image scores.csv point at these files
+    _say(args, f"data: a synthetic MVTec-layout dataset (texture + object; perlin and cut-paste defects with "
+               f"exact masks) in {data_dir}")
+    return _demo_on(args, D.synthetic(data_dir, seed=args.seed or 0))
 
 
 def _demo_on(args, datasets) -> int:
@@ -287,8 +363,7 @@ def _demo_on(args, datasets) -> int:
 
     out = Path(args.out)
     det = _make_detector(args)
-    weights = "random init (seed %d)" % det.seed if det.weights is None else det.weights
-    _say(args, f"model: {type(det).__name__}, backbone {det.backbone}, weights {weights}")
+    _say(args, f"model: {det!r}")
     _pictures_hint(args)
     t0 = time.perf_counter()
     results = []
@@ -299,7 +374,7 @@ def _demo_on(args, datasets) -> int:
     report.save(out)
     print("\n" + report.to_markdown() + "\n")
     lat = latency(det, datasets[-1].test, max_images=3)
-    print(f"latency on {datasets[-1].name} (seed 003 §3.4 protocol: 3 warm-up + 5 timed runs on each of 3 images):")
+    print(f"latency on {datasets[-1].name} (3 warm-up + 5 timed runs on each of 3 images, batch 1, decoding not timed):")
     print(lat.to_markdown() + "\n")
     _say(args, f"done in {time.perf_counter() - t0:.0f} s; results and pictures in {out}/")
     return EXIT_OK
@@ -373,10 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the synthetic default")
     p.add_argument("--category", action="append", metavar="NAME", help="only this category of --data (repeatable)")
     p.add_argument("--out", default="pyad-demo", metavar="DIR", help="output folder (default ./pyad-demo)")
-    p.add_argument("--keep-data", action="store_true", help="write the synthetic dataset into DIR/data and keep it")
     p.add_argument("--no-pictures", action="store_true", help="write tables only")
     _detector_options(p)
-    p.set_defaults(backbone="resnet18", weights="none")
+    p.set_defaults(backbone="resnet18", weights="none")  # the offline default: nothing to download
 
     p = cmd("fit", _fit, "fit a detector and save it to one file")
     p.add_argument("--data", required=True, metavar="PATH",
@@ -384,15 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a plain folder of defect-free images")
     p.add_argument("--category", metavar="NAME", help="category inside an MVTec AD / LOCO dataset folder")
     p.add_argument("--out", required=True, metavar="FILE", help="model file to write (atomically), e.g. bottle.pyad")
+    p.add_argument("--checkpoint", metavar="FILE", help="trained detectors: write resumable training checkpoints here; "
+                                                        "an interrupted fit run again with the same file continues")
+    p.add_argument("--include-weights", action="store_true",
+                   help="embed the frozen backbone's weights in the model file (it then needs no other file)")
     _detector_options(p)
 
     p = cmd("predict", _predict, "score images with a saved model; write scores, heat-map overlays and masks")
     p.add_argument("model", help="a model file written by pyad fit or Detector.save")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", metavar="DIR", help="folder for scores.json/csv, overlays/ and masks/ (binary, map > the "
-                                                "model's threshold); without it scores are printed")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively; ground_truth/ skipped)")
+    p.add_argument("--out", metavar="DIR", help="folder for scores.json/csv, overlays/ (the model's fixed colour scale, "
+                                                "a colour bar with the pixel threshold, score and verdict) and masks/ "
+                                                "(empty for images labelled normal; pixels above the model's pixel "
+                                                "threshold otherwise); without it scores are printed")
     p.add_argument("--format", choices=("json", "csv"), default="json", help="scores file format (default json)")
     p.add_argument("--no-pictures", action="store_true", help="scores only")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (each reported by name) "
+                                                           "instead of stopping")
+    p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint the model was fitted with, when it is "
+                                                     "no longer where it was (checked by its SHA-256)")
 
     p = cmd("evaluate", _evaluate, "evaluate on labelled data: metrics table (Markdown, CSV, JSON) and pictures")
     p.add_argument("--data", required=True, metavar="PATH", help="an MVTec AD / LOCO dataset folder or one category folder")
@@ -400,11 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", metavar="FILE", help="evaluate this saved model instead of fitting one per category")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-pictures", action="store_true", help="write tables only")
+    p.add_argument("--per-defect", type=int, default=6, metavar="N",
+                   help="rows per defect-type picture, misses first (default 6)")
+    p.add_argument("--save-model", metavar="PATH", help="save the fitted model(s): a file for one category, a folder "
+                                                        "(one <category>.pyad each) for several")
     _detector_options(p)
 
-    p = cmd("bench", _bench, "latency protocol of seed 003 §3.4 (3 warm-up, 5 timed runs per image, per stage) and "
-                             "throughput; pytest-benchmark JSON")
+    p = cmd("bench", _bench, "latency per image and per stage (batch 1: 3 warm-up and 5 timed runs per image, "
+                             "decoding not timed) and throughput per batch size; pytest-benchmark JSON")
     p.add_argument("model", help="a saved model file")
+    p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint, if it moved (see predict --weights)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--warmup", type=int, default=3, help="warm-up runs per image (default 3)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per image (default 5)")
@@ -426,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress.enabled = False
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, FloatingPointError) as exc:  # bad input, files, environment
         print(f"pyad: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

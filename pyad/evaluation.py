@@ -7,7 +7,7 @@ recall / F1 at the detector's own threshold. Several categories give a table
 with mean, textures and objects rows (as MVTec AD results are reported);
 MVTec LOCO categories get extra rows for logical and structural anomalies.
 
-``latency(detector, images)`` is the protocol of seed 003 §3.4: per image, 3
+``latency(detector, images)`` is the CPU latency protocol of Baßler, KIT master's thesis §3.4: per image, 3
 warm-up runs then 5 timed runs, averaged; then averaged over images; the same
 for each stage (preprocess, backbone = feature extraction, embedding, search =
 nearest-neighbour search or scoring, map); plus throughput at batch sizes.
@@ -135,7 +135,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def evaluate(detector, data, *, out=None, pictures: bool = True) -> Report:
+def evaluate(detector, data, *, out=None, pictures: bool = True, per_defect: int = 6, save_model=None) -> Report:
     """Evaluate ``detector`` on a dataset or a list of datasets (categories).
 
     - One category: a fitted detector is used as is; an unfitted one is fitted
@@ -143,8 +143,11 @@ def evaluate(detector, data, *, out=None, pictures: bool = True) -> Report:
     - Several categories: a fresh detector with the same parameters is fitted
       per category (``detector`` is left untouched).
     - ``out``: a folder that receives results.{md,csv,json}, per-category
-      scores.csv and, with ``pictures``, heat-map grids per defect type and
+      scores.csv and, with ``pictures``, heat-map grids per defect type (misses
+      first: false negatives and false positives, ``per_defect`` rows) and
       ROC / PR curves (see ``pyad.plots``).
+    - ``save_model``: a path (one category) or a folder (one ``<category>.pyad``
+      each) where the fitted models are saved.
     """
     datasets = [data] if isinstance(data, Dataset) else list(data)
     if not datasets or not all(isinstance(d, Dataset) for d in datasets):
@@ -153,24 +156,38 @@ def evaluate(detector, data, *, out=None, pictures: bool = True) -> Report:
         if not d.test or not any(s.label for s in d.test) or all(s.label for s in d.test):
             raise ValueError(f"data: {d.name!r} needs test images of both classes (good/ and a defect type)")
     out = Path(out) if out is not None else None
+    if out is not None:
+        _check_folder(out, "out")
+    if save_model is not None and len(datasets) > 1:
+        _check_folder(Path(save_model), "save_model")
     results = []
     bar = _progress.bar(datasets, desc="evaluating", unit="category")
     for d in bar:
         bar.set_postfix_str(d.name)
-        det = detector if len(datasets) == 1 else type(detector)(**detector.get_params())
-        results += _evaluate_one(det, d, out / d.name if out is not None else None, pictures)
+        det = detector if len(datasets) == 1 else detector.__class__(**detector.get_params())
+        results += _evaluate_one(det, d, out / d.name if out is not None else None, pictures, per_defect)
+        if save_model is not None:
+            det.save(Path(save_model) / f"{d.name}.pyad" if len(datasets) > 1 else save_model)
         report = Report(results)
         if out is not None:
             report.save(out)
     return Report(results)
 
 
-def _evaluate_one(det, ds: Dataset, out: Path | None, pictures: bool) -> list[Result]:
-    fit_s = None
-    if not hasattr(det, "n_train_"):
-        t0 = time.perf_counter()
+def _check_folder(folder: Path, what: str) -> None:
+    """An output folder that exists or can be made, and is writable: checked before
+    any work (a long fit is not thrown away for a typo in the output path)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what}: {folder} exists and is not a folder")
+    parent = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write into {parent}")
+
+
+def _evaluate_one(det, ds: Dataset, out: Path | None, pictures: bool, per_defect: int = 6) -> list[Result]:
+    if not det.is_fitted():
         det.fit(ds)
-        fit_s = time.perf_counter() - t0
+    fit_s = det.fit_seconds_  # measured by fit, kept in saved models
     test = ds.test
     t0 = time.perf_counter()
     pred = det.predict(test)
@@ -212,7 +229,7 @@ def _evaluate_one(det, ds: Dataset, out: Path | None, pictures: bool) -> list[Re
         if pictures:
             from . import plots
 
-            plots.category_pictures(out, ds, pred, masks, labels, det.threshold_)
+            plots.category_pictures(out, ds, pred, masks, labels, det, per_defect=per_defect)
     return out_results
 
 
@@ -225,6 +242,7 @@ def _write_scores(path: Path, rows: list[dict]) -> None:
 
 
 # -- latency -----------------------------------------------------------------------------------------
+# stages of the frozen-feature detectors; trained ones name theirs (teacher, student, ...)
 STAGES = ("preprocess", "backbone", "embedding", "search", "map")
 
 
@@ -251,7 +269,7 @@ class Latency:
     def to_markdown(self) -> str:
         st = self.stage_ms()
         lines = ["| stage | ms / image |", "|---|---|"]
-        lines += [f"| {k} | {st[k]:.1f} |" for k in STAGES if k in st]
+        lines += [f"| {k} | {v:.1f} |" for k, v in st.items()]
         lines.append(f"| **total** | **{self.mean_ms:.1f}** |")
         lines += ["", "| batch size | images / s |", "|---|---|"]
         lines += [f"| {b} | {v:.2f} |" for b, v in self.throughput.items()]
@@ -269,7 +287,7 @@ def latency(detector, images, *, warmup: int = 3, runs: int = 5, batch_sizes=(1,
         raise ValueError(f"batch_sizes: expected positive ints, got {batch_sizes!r}")
     decoded = list(imgs.iter_images(_split(images, "test")))[: max_images or None]
     detector._fitted()
-    per_image, stages = [], {k: [] for k in STAGES}
+    per_image, stages = [], {}
     for img in _progress.bar(decoded, desc="latency", unit="img"):
         for _ in range(warmup):
             detector.predict([img])
@@ -279,8 +297,9 @@ def latency(detector, images, *, warmup: int = 3, runs: int = 5, batch_sizes=(1,
             detector.predict([img], stage_times=st)
             times.append(time.perf_counter() - t0)
         per_image.append(float(np.mean(times)))
-        for k in STAGES:
-            stages[k].append(st.get(k, 0.0) / runs)
+        for k, v in st.items():
+            if k != "read":  # decoding is not timed by the protocol
+                stages.setdefault(k, []).append(v / runs)
     throughput, batch_times = {}, {}
     old = detector.batch_size
     try:

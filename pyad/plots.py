@@ -74,33 +74,61 @@ def grid(rows: list[list[np.ndarray]], titles: list[str], labels: list[str] | No
     return canvas
 
 
-def category_pictures(out: Path, ds, pred, masks, labels, threshold: float | None, per_defect: int = 6) -> list[Path]:
-    """One grid per defect type (image | ground truth | heat map | predicted mask)
-    and, with matplotlib, ``curves.png``. Colours share one scale per category
-    (the 1st to 99.9th percentile of all test maps); the predicted mask uses the
-    pixel-level F1-optimal threshold when masks exist, else the detector's."""
+def map_scale(det, maps=None) -> tuple[float, float]:
+    """The colour scale of a model's heat maps: fixed by the model (normal validation
+    maps' median at blue, the pixel threshold at mid-scale) so that pictures of
+    different runs and batches compare; the maps' 1st-99.9th percentile otherwise."""
+    rng = getattr(det, "map_range_", None)
+    if rng:
+        return float(rng[0]), float(rng[1])
+    sample = np.concatenate([m.ravel()[:: max(1, m.size // 20000)] for m in maps])
+    lo, hi = (float(v) for v in np.percentile(sample, [1, 99.9]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def covered(det, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of the image region the network sees, or None when
+    it sees everything (no centre crop)."""
+    if not getattr(det, "crop_size", None):
+        return None
+    h, w = shape
+    off = (det.image_size - det.crop_size) / 2 / det.image_size
+    return int(off * h), int(off * w), int(h - off * h), int(w - off * w)
+
+
+def category_pictures(out: Path, ds, pred, masks, labels, det, per_defect: int = 6) -> list[Path]:
+    """One grid per defect type (image | ground truth | heat map | predicted mask),
+    the misses first (false negatives, then false positives, then the rest, up to
+    ``per_defect`` rows; good images appear in the "good" grid), and, with
+    matplotlib, ``curves.png``. Heat maps use the model's fixed colour scale; the
+    predicted mask is the model's own (``Prediction.masks``: its pixel threshold)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     maps = list(pred.maps)
-    sample = np.concatenate([m.ravel()[:: max(1, m.size // 20000)] for m in maps])
-    vmin, vmax = (float(v) for v in np.percentile(sample, [1, 99.9]))
-    pixel_threshold, pixel_roc = threshold, None
-    if masks is not None:  # one sort of all pixels for the mask threshold and the pixel ROC
-        counts = M._Sorted.of(*M._pixels(masks, maps)).counts()
-        _, pixel_threshold = M._f1_from(*counts)
-        pixel_roc = M._roc_from(*counts)
+    vmin, vmax = map_scale(det, maps)
+    pixel_roc = None
+    if masks is not None:
+        pixel_roc = M._roc_from(*M._Sorted.of(*M._pixels(masks, maps)).counts())
+    model_masks = pred.masks()
     written = []
     for defect in ds.defects:
-        idx = [i for i, s in enumerate(ds.test) if s.defect == defect][:per_defect]
+        idx = [i for i, s in enumerate(ds.test) if s.defect == defect]
+        if pred.labels is not None:  # misses first: a wrong label sorts before a right one
+            idx.sort(key=lambda i: (bool(pred.labels[i]) == bool(labels[i]), i))
         rows, names = [], []
-        for i in idx:
+        for i in idx[:per_defect]:
             s = ds.test[i]
             img = s.image
             gt = masks[i] if masks is not None else np.zeros(img.shape[:2], bool)
-            pm = maps[i] > pixel_threshold if pixel_threshold is not None else np.zeros(img.shape[:2], bool)
-            rows.append([contour(img, gt), gt, overlay(img, maps[i], vmin, vmax), pm])
-            names.append(f"{s.path.name}  score {pred.scores[i]:.3g}"
-                         + ("" if pred.labels is None else ("  -> anomalous" if pred.labels[i] else "  -> normal")))
+            pm = model_masks[i] if model_masks is not None else np.zeros(img.shape[:2], bool)
+            heat = overlay(img, maps[i], vmin, vmax)
+            box = covered(det, img.shape[:2])
+            if box is not None:
+                heat = _rectangle(heat, box)
+            rows.append([contour(img, gt), gt, heat, pm])
+            verdict = "" if pred.labels is None else ("  -> anomalous" if pred.labels[i] else "  -> normal")
+            miss = "" if pred.labels is None or bool(pred.labels[i]) == bool(labels[i]) else "  MISS"
+            names.append(f"{s.path.name}  score {pred.scores[i]:.3g}{verdict}{miss}")
         path = out / f"defects_{defect}.png"
         grid(rows, ["image", "ground truth", "heat map", "predicted mask"], names).save(path)
         written.append(path)
@@ -109,6 +137,36 @@ def category_pictures(out: Path, ds, pred, masks, labels, threshold: float | Non
     except ImportError:
         pass
     return written
+
+
+def _rectangle(a: np.ndarray, box, color=(255, 255, 255)) -> np.ndarray:
+    im = Image.fromarray(a)
+    ImageDraw.Draw(im).rectangle((box[1], box[0], box[3] - 1, box[2] - 1), outline=color)
+    return np.asarray(im)
+
+
+def annotated_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, *, score: float,
+                      threshold: float | None, pixel_threshold: float | None, label: bool | None,
+                      box=None) -> Image.Image:
+    """The heat-map overlay with a colour bar (the pixel threshold marked), the score,
+    threshold and verdict written under it, and the covered region outlined."""
+    heat = overlay(image, amap, vmin, vmax)
+    if box is not None:
+        heat = _rectangle(heat, box)
+    h, w = heat.shape[:2]
+    bar_h, text_h = max(8, h // 40), 16
+    canvas = Image.new("RGB", (w, h + bar_h + text_h + 4), (255, 255, 255))
+    canvas.paste(Image.fromarray(heat), (0, 0))
+    ramp = colorize(np.tile(np.linspace(vmin, vmax, w, dtype=np.float32), (bar_h, 1)), vmin, vmax)
+    canvas.paste(Image.fromarray(ramp), (0, h + 2))
+    draw = ImageDraw.Draw(canvas)
+    if pixel_threshold is not None and vmax > vmin:
+        x = int(np.clip((pixel_threshold - vmin) / (vmax - vmin), 0, 1) * (w - 1))
+        draw.line((x, h + 1, x, h + 2 + bar_h), fill=(0, 0, 0), width=2)
+    verdict = "" if label is None else ("ANOMALOUS" if label else "normal")
+    thr = "" if threshold is None else f" / threshold {threshold:.4g}"
+    draw.text((2, h + bar_h + 4), f"score {score:.4g}{thr}  {verdict}", fill=(0, 0, 0))
+    return canvas
 
 
 def curves(path, labels, scores, pixel_roc=None, title: str = "") -> Path:

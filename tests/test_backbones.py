@@ -95,9 +95,35 @@ def test_fused_batchnorm_gives_the_same_features(name):
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    fused = copy.deepcopy(net).fuse_batchnorm()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = net.frozen()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the original is untouched
     x = torch.randn(2, 3, 96, 96)
-    a, b = net(x), fused(x)
+    with torch.no_grad():
+        a, b = net(x), fused(x)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()))
+
+
+def test_backbones_are_trainable():
+    """Gradients flow and BatchNorm follows train(): a method may fine-tune."""
+    torch.manual_seed(0)
+    net = Backbone("resnet18", ("layer2",)).train()
+    before = net.body["bn1"].running_mean.clone()
+    out = net(torch.randn(2, 3, 64, 64))["layer2"]
+    out.square().mean().backward()
+    assert net.body["conv1"].weight.grad is not None and net.body["conv1"].weight.grad.abs().sum() > 0
+    assert not torch.equal(before, net.body["bn1"].running_mean)
+
+
+def test_checkpoint_of_another_architecture_names_the_right_backbone(tmp_path):
+    torch.manual_seed(0)
+    r18 = Backbone("resnet18", ("layer4",))
+    path = tmp_path / "r18.pth"
+    torch.save(r18.official_state_dict(), path)
+    with pytest.raises(ValueError, match="looks like a resnet18 checkpoint: pass backbone='resnet18'"):
+        Backbone("wide_resnet50_2", ("layer2",), path)
+    net = Backbone("resnet18", ("layer2",), path)  # a truncated network takes what it needs
+    assert net.weights_id.startswith("sha256:") and net.weights_source == str(path.resolve())

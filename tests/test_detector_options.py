@@ -1,5 +1,5 @@
 """Detector options beyond the defaults: the lightweight PatchCore variants of
-seed 003 §3.5, the approximate index, the paper's reweighting, PaDiM's float16
+the lightweight study (Baßler's thesis §3.5), the approximate index, the paper's reweighting, PaDiM's float16
 factor, and the coreset selection PatchCore performs."""
 
 import numpy as np
@@ -10,7 +10,7 @@ from pyad import kernels as K
 from pyad.kernels import reference
 from conftest import noisy_images
 
-SMALL = dict(weights=None, image_size=64, crop_size=None, batch_size=4, threshold_holdout=0)
+SMALL = dict(weights=None, image_size=64, crop_size=None, batch_size=4, validation=0)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,65 @@ def test_bad_options(data):
         pyad.PaDiM(backbone="resnet18", n_features=10_000, **SMALL).fit(train)
     with pytest.raises(ValueError, match="factor_dtype"):
         pyad.PaDiM(backbone="resnet18", factor_dtype="int8", **SMALL).fit(train)
+
+
+def test_patchcore_validation_continues_the_greedy_selection(data):
+    """With validation images: the training part's greedy selection scores them (the
+    threshold), then the selection continues over every patch; one selection in all."""
+    train, _ = data
+    val_kw = dict(SMALL, validation=0.3)
+    det = pyad.PatchCore(backbone="resnet18", coreset_ratio=0.2, **val_kw).fit(train)
+    full = pyad.PatchCore(backbone="resnet18", coreset_ratio=1.0, **SMALL).fit(train).memory_bank_  # every patch, in order
+    rng = np.random.default_rng(0)
+    held = np.zeros(len(train), bool)
+    held[rng.choice(len(train), 3, replace=False)] = True
+    per = len(full) // len(train)
+    order = np.concatenate([np.flatnonzero(~held), np.flatnonzero(held)])  # fit streams training then validation images
+    rows = np.concatenate([np.arange(i * per, (i + 1) * per) for i in order])
+    feats = full[rows]
+    proj = K.random_projection(feats, 128, seed=0)
+    fit_rows = np.arange((~held).sum() * per)
+    starts = proj[fit_rows[rng.__class__(rng.bit_generator.__class__(0)).choice(len(fit_rows), 10, replace=False)]]
+    init = np.linalg.norm(proj[:, None] - starts[None], axis=2).mean(1)
+    k_fit = int(len(fit_rows) * 0.2)
+    mind = (init[fit_rows] ** 2).astype(np.float32)
+    prefix = reference.greedy_coreset(proj[fit_rows], k_fit, -1, mind)
+    cont = (init**2).astype(np.float32)
+    cont[fit_rows] = mind
+    d_val = ((proj[len(fit_rows):, None] - proj[prefix][None]) ** 2).sum(-1).min(1)
+    cont[len(fit_rows):] = np.minimum(cont[len(fit_rows):], d_val)
+    cont[prefix] = 0
+    more = reference.greedy_coreset(proj, int(len(feats) * 0.2) - k_fit, -1, cont)
+    want = feats[np.concatenate([prefix, more])]
+    np.testing.assert_allclose(det.memory_bank_, want, rtol=1e-5, atol=1e-5)
+    # the threshold: validation images scored against the prefix bank only
+    val_feats = feats[len(fit_rows):].reshape(3, per, -1)
+    bank = feats[prefix]
+    scores = ((val_feats[:, :, None] - bank[None, None]) ** 2).sum(-1).min(-1).max(1)
+    assert det.threshold_ == pytest.approx(float(scores.max()), rel=1e-4)
+
+
+def test_padim_validation_downdate_equals_a_fit_without_them(data):
+    """The validation images' scores come from the final Gaussians downdated without
+    them; equal to fitting the training part alone with eps·(N-1)/(n-1)."""
+    train, _ = data
+    det = pyad.PaDiM(backbone="resnet18", **{**SMALL, "validation": 0.3}).fit(train)
+    rng = np.random.default_rng(0)
+    held = np.zeros(len(train), bool)
+    held[rng.choice(len(train), 3, replace=False)] = True
+    n = (~held).sum()
+    eps = 0.01 * (len(train) - 1) / (n - 1)
+    part = pyad.PaDiM(backbone="resnet18", eps=eps, **SMALL).fit(train[~held])
+    want = part.predict(train[held], maps="low").scores
+    assert det.threshold_ == pytest.approx(float(want.max()), rel=1e-4)
+    alone = pyad.PaDiM(backbone="resnet18", **SMALL).fit(train)  # the final model uses every image
+    np.testing.assert_allclose(det.gaussian_.factor, alone.gaussian_.factor, rtol=1e-5, atol=1e-6)
+
+
+def test_padim_feature_rule_and_memory_budget(data):
+    train, _ = data
+    assert len(pyad.PaDiM(backbone="resnet18", **SMALL).fit(train).channels_) == 100
+    assert len(pyad.PaDiM(backbone="mobilenet_v2", **SMALL).fit(train).channels_) == 100  # 152 channels -> 100
+    big = pyad.PaDiM(backbone="resnet50", memory_budget_gb=0.001, **SMALL)
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        big.fit(train)

@@ -122,3 +122,30 @@ def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="positive definite"):
         K.gaussian_fit(np.zeros((3, 2, 2)), eps=0)
 
+
+
+def test_merge_equals_a_single_pass_and_keeps_updating(rng):
+    """merge (Chan et al.) then further updates: the same model as one pass over
+    everything (the shifted-sum invariant survives the merge)."""
+    x = (rng.standard_normal((40, 9, 6)) * rng.uniform(0.5, 3, (1, 9, 6)) + 50).astype(np.float32)
+    a = K.GaussianAccumulator(0.01).update(x[:11])
+    b = K.GaussianAccumulator(0.01).update(x[11:30])
+    merged = a.merge(b).update(x[30:]).finalize()
+    single = K.gaussian_fit(x, 0.01)
+    np.testing.assert_allclose(merged.mean, single.mean, rtol=1e-6)
+    np.testing.assert_allclose(merged.factor, single.factor, rtol=1e-4, atol=1e-6)
+    assert merged.count == 40
+    with pytest.raises(ValueError, match="other"):
+        a.merge(K.GaussianAccumulator(0.01).update(x[:5, :3]))
+
+
+def test_holdout_distances_equal_a_fit_without_them(rng):
+    """finalize(holdout=...): distances under the Gaussians fitted without the held-out
+    images (eps·(N-1)/(n-1)), from one factorisation (Woodbury downdate)."""
+    x = (rng.standard_normal((30, 7, 5)) * rng.uniform(0.5, 2, (1, 7, 5)) + 3).astype(np.float32)
+    model, held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[24:])
+    np.testing.assert_allclose(model.factor, K.gaussian_fit(x, 0.01).factor, rtol=1e-6)
+    direct = K.gaussian_fit(x[:24], 0.01 * 29 / 23)
+    np.testing.assert_allclose(held, K.mahalanobis(x[24:], direct), rtol=1e-4)
+    with pytest.raises(ValueError, match="holdout"):
+        K.GaussianAccumulator(0.01).update(x[:3]).finalize(holdout=x[:2])

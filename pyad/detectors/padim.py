@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _progress
 from .. import kernels as K
 from ..ops import Mahalanobis, gaussian_blur, upsample
 from .base import Validation, register, stage
@@ -200,10 +201,12 @@ class PaDiM(FrozenFeatureDetector):
         self._buffer = None  # not held while the model is solved
         held = np.concatenate(self._val) if self._val else None
         self._val = None
-        if held is not None:
-            self.gaussian_, held_dist = self._acc.finalize(holdout=held)
-        else:
-            self.gaussian_ = self._acc.finalize()
+        p, d = self._acc._shift.shape
+        with _progress.stage(f"PaDiM: solving {p:,} Gaussians of dimension {d}"):
+            if held is not None:
+                self.gaussian_, held_dist = self._acc.finalize(holdout=held)
+            else:
+                self.gaussian_ = self._acc.finalize()
         del self._acc
         if held is None:
             return None
@@ -224,6 +227,11 @@ class PaDiM(FrozenFeatureDetector):
                 "channels": self.channels_, "grid": list(self.grid_)}
 
     def _load_state(self, state):
+        mean, factor, channels, grid = (np.asarray(state[k]) for k in ("mean", "factor", "channels", "grid"))
+        if (mean.ndim != 2 or factor.shape != (mean.shape[0], mean.shape[1] * (mean.shape[1] + 1) // 2)
+                or channels.shape != (mean.shape[1],) or int(np.prod(grid)) != mean.shape[0]):
+            raise ValueError(f"gaussian: inconsistent shapes: mean {list(mean.shape)}, factor {list(factor.shape)}, "
+                             f"channels {list(channels.shape)}, grid {list(grid)}")
         self.gaussian_ = K.GaussianModel(np.asarray(state["mean"], np.float32), np.asarray(state["factor"]),
                                          float(state["eps"]), int(state["count"]))
         self.channels_ = np.asarray(state["channels"], np.int64)

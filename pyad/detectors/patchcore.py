@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _progress
 from .. import kernels as K
 from ..ops import NearestNeighbours, PatchEmbed, channel_pool, gaussian_blur, knn, upsample
 from .base import register, stage
@@ -225,6 +226,11 @@ class PatchCore(FrozenFeatureDetector):
         fit_rows, val_rows = np.flatnonzero(~held), np.flatnonzero(held)
         init = self._approximate_start(space, fit_rows)
         k_fit = self._bank_size(len(fit_rows))
+        k_all = self._bank_size(len(held))
+        with _progress.stage(f"PatchCore: selecting a coreset of {k_all:,} of {len(held):,} patches"):
+            return self._select(space, held, fit_rows, val_rows, init, k_fit, k_all)
+
+    def _select(self, space, held, fit_rows, val_rows, init, k_fit, k_all):
         if k_fit < len(fit_rows):
             sel, dist = K.greedy_coreset(np.ascontiguousarray(space[fit_rows]), k_fit, None if init is not None else 0,
                                          init_distances=None if init is None else init[fit_rows],
@@ -234,7 +240,6 @@ class PatchCore(FrozenFeatureDetector):
             prefix, dist = fit_rows, np.zeros(len(fit_rows), np.float32)
         val = validation_from(self._head(self._gather(prefix)), self._val_emb)
         rows = prefix
-        k_all = self._bank_size(len(held))
         if len(val_rows) and k_all > len(prefix):
             # continue the greedy selection over every patch from the training part's selection
             start = np.full(len(held), 1e30, np.float32) if init is None else init.copy()  # 1e30: not reached yet
@@ -246,8 +251,6 @@ class PatchCore(FrozenFeatureDetector):
             more = K.greedy_coreset(space, k_all - len(prefix), None, init_distances=start,
                                     storage=self.coreset_storage)
             rows = np.concatenate([prefix, np.asarray(more)])
-        elif len(val_rows) and k_all >= len(held):
-            rows = np.arange(len(held))
         self.memory_bank_ = self._gather(rows)
         del self._parts, self._proj, self._held, self._val_emb
         return val
@@ -277,4 +280,7 @@ class PatchCore(FrozenFeatureDetector):
         return {"memory_bank": self.memory_bank_}
 
     def _load_state(self, state):
-        self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
+        bank = np.asarray(state["memory_bank"])
+        if bank.ndim != 2 or bank.shape[0] < 1 or (self.target_dim and bank.shape[1] != self.target_dim):
+            raise ValueError(f"memory_bank: expected [k, {self.target_dim or 'D'}], got {list(bank.shape)}")
+        self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)

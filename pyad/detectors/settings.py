@@ -76,6 +76,12 @@ class BackboneSettings(Group):
         check(self.backbone in NAMES, "backbone", f"one of {', '.join(NAMES)}", self.backbone)
         check(self.weights is None or isinstance(self.weights, str) or hasattr(self.weights, "__fspath__"),
               "weights", "'imagenet', a checkpoint path or None", self.weights)
+        if self.weights is not None and self.weights != "imagenet":
+            from pathlib import Path
+
+            if not Path(self.weights).is_file():
+                raise ValueError(f"weights: no checkpoint file at {self.weights} (expected 'imagenet', a checkpoint "
+                                 "path or None)")
         check(isinstance(self.layers, (tuple, list)) and len(self.layers) > 0 and all(isinstance(x, str) for x in self.layers),
               "layers", "a non-empty tuple of layer names", self.layers)
 

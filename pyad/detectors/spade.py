@@ -171,5 +171,9 @@ class SPADE(FrozenFeatureDetector):
         return {"train_global": self.train_global_, "train_pyramid": self.train_pyramid_}
 
     def _load_state(self, state):
+        g, p = np.asarray(state["train_global"]), np.asarray(state["train_pyramid"])
+        if g.ndim != 2 or p.ndim != 4 or len(g) != len(p):
+            raise ValueError(f"train_global / train_pyramid: expected [N, C] and [N, H, W, C'], got {list(g.shape)} "
+                             f"and {list(p.shape)}")
         self.train_global_ = np.asarray(state["train_global"], np.float32)
         self.train_pyramid_ = np.asarray(state["train_pyramid"], np.float16)

@@ -1,5 +1,4 @@
-"""Greedy k-center coreset selection (PatchCore, Roth et al. 2022, §3.2; seed 003
-§3.2.2) and the Johnson-Lindenstrauss projection used before it."""
+"""Greedy k-center coreset selection (PatchCore, Roth et al. 2022, §3.2) and the Johnson-Lindenstrauss projection used before it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Per-position Gaussians and the Mahalanobis distance (PaDiM, Defard et al. 2020, §3;
-seed 003 §2.7).
+official code xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master).
 
 Fitting is BLAS work (batched outer products, Cholesky) done in NumPy in
 float64, streamed: ``GaussianAccumulator`` holds one batch plus O(P·d²)

@@ -1,5 +1,5 @@
 """Patch pooling and PatchCore's neighbourhood embedding (Roth et al. 2022, §3.1;
-seed 003 §3.5.2). All outputs are channels-last: [B, H', W', C]."""
+the lightweight study of Baßler, KIT master's thesis, §3.5.2). All outputs are channels-last: [B, H', W', C]."""
 
 from __future__ import annotations
 

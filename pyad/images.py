@@ -38,13 +38,18 @@ from .ops import gaussian_blur  # noqa: F401  (re-exported: maps are blurred as 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, what: str = "images") -> list[Path]:
+    """The image files under ``folder``, searched recursively in sorted order; folders
+    named ``ground_truth`` (MVTec's masks) and hidden ones are skipped. One rule for
+    fit, predict and the command line."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"images: {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
+        raise ValueError(f"{what}: {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                   and not any(part == "ground_truth" or part.startswith(".")
+                               for part in p.relative_to(folder).parts[:-1]))
     if not files:
-        raise ValueError(f"images: no image files ({', '.join(EXTENSIONS)}) in {folder}")
+        raise ValueError(f"{what}: no image files ({', '.join(EXTENSIONS)}) in {folder}")
     return files
 
 
@@ -401,7 +406,7 @@ def as_items(source, what: str = "images") -> list:
             return [p]
         if not p.exists():
             raise ValueError(f"{what}: {p} does not exist")
-        return list_images(p)
+        return list_images(p, what)
     if _is_tensor(source):
         source = _numpy(source)
     if isinstance(source, np.ndarray):

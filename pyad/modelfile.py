@@ -29,7 +29,7 @@ def write(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) ->
     members: list[tuple[str, bytes]] = [("meta.json", json.dumps({"format": FORMAT, **meta}, indent=1).encode())]
     for name, a in arrays.items():
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+        np.save(buf, np.asarray(a, order="C"), allow_pickle=False)  # (ascontiguousarray makes 0-d 1-d)
         members.append((f"{name}.npy", buf.getvalue()))
     digest = _digest(members)
     buf = io.BytesIO()

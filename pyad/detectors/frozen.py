@@ -21,7 +21,7 @@ from torch import nn
 from .. import _progress
 from .. import images as imgs
 from .. import training
-from ..backbones import Backbone, resolve_weights, sha256_of
+from ..backbones import Backbone, resolve_weights
 from .base import Detector, Validation
 from .settings import BackboneSettings, Preprocessing, Runtime, Thresholds
 
@@ -37,12 +37,13 @@ class FrozenFeatureDetector(Detector):
         """The backbone with its weights, unfused (official layout), seeded for random init."""
         with training.seeded(self.seed):
             net = Backbone(self.backbone, self._backbone_layers(), None)
-        source = self._cache.get("weights_state")
-        if source is None and self.weights is not None:
-            source = self._cache.get("weights_path") or self.weights
-        if source is not None:
-            net.load_weights(source)
         expected = getattr(self, "weights_id_", None)
+        embedded = self._cache.get("weights_state")
+        if embedded is not None:  # saved inside this (checksummed) model file: the fitted weights
+            net.load_weights(embedded)
+            net.weights_id, net.weights_source = expected, getattr(self, "weights_source_", None)
+        elif self.weights is not None:
+            net.load_weights(self._cache.get("weights_path") or self.weights)
         if expected is not None and net.weights_id != expected:
             raise ValueError(f"weights: the backbone weights ({net.weights_id}) differ from the ones this model "
                              f"was fitted with ({expected})")
@@ -145,6 +146,3 @@ def validation_from(head: nn.Module, embeddings: list) -> Validation | None:
             maps.append(m.float().cpu().numpy())
     return Validation(np.concatenate(scores), np.concatenate(maps))
 
-
-def weights_hint(path) -> str:
-    return sha256_of(path)

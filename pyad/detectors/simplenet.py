@@ -159,7 +159,7 @@ def _affine(linears: list[nn.Linear], bn: nn.BatchNorm1d | None) -> nn.Linear:
     if bn is not None:
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         w, b = w * scale[:, None], (b - bn.running_mean.double()) * scale + bn.bias.double()
-    out = nn.Linear(w.shape[1], w.shape[0])
+    out = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0])  # no init: leaves torch's RNG alone
     out.weight.copy_(w.float())
     out.bias.copy_(b.float())
     return out

@@ -24,6 +24,8 @@ CONFIGS = {  # name -> (parameters, atol of the exported (portable) path vs pred
     "ganomaly": (dict(latent_dim=16, ngf=8, ndf=8, max_epochs=2, **SMALL), 1e-5),
     "simplenet": (dict(backbone="resnet18", crop_size=None, embed_dim=64, target_dim=64, dsc_hidden=32, max_epochs=4,
                        **FROZEN), 1e-4),
+    "ast": (dict(backbone="resnet18", layers=("layer2",), teacher_hidden=16, student_hidden=16, student_blocks=1,
+                 pos_enc_dim=8, max_epochs=3, **FROZEN), 1e-5),
 }
 
 

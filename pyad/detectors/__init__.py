@@ -1,6 +1,7 @@
 """Detectors. Every one follows the contract of ``base.Detector``; ``REGISTRY`` maps
 each stable lower-case name (saved in model files, used by the CLI) to its class."""
 
+from .ast import AST
 from .autoencoder import AutoEncoder
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
 from .ganomaly import GANomaly
@@ -9,4 +10,4 @@ from .patchcore import PatchCore
 from .simplenet import SimpleNet
 from .spade import SPADE
 
-__all__ = ["REGISTRY", "AutoEncoder", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "clone", "load"]
+__all__ = ["REGISTRY", "AST", "AutoEncoder", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "clone", "load"]

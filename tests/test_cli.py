@@ -187,3 +187,41 @@ def test_fit_on_a_plain_folder_and_on_a_dataset_root(data, tmp_path, capsys):
     a, b = pyad.load(tmp_path / "a.pyad"), pyad.load(tmp_path / "b.pyad")
     assert a.n_train_ == b.n_train_ == 10
     np.testing.assert_array_equal(a.gaussian_.factor, b.gaussian_.factor)  # same images, same model
+
+
+def test_overlays_use_the_models_fixed_scale(model, data, tmp_path):
+    """The same image and model give the same overlay whatever else is in the batch
+    (the colour scale comes from the model, not from the current call)."""
+    test = data / "synthetic_object" / "test"
+    one = test / "good" / "000.png"
+    assert main(["predict", str(model), str(one), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert main(["predict", str(model), str(test), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "overlays" / "000.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "overlays" / "good_000.png"))
+    assert a.shape == b.shape and a.shape[0] > 64  # the colour bar and the score line under the image
+    diff = np.abs(a[:64].astype(int) - b[:64].astype(int))  # the heat map: float rounding of batched GEMMs only
+    assert diff.max() <= 2, diff.max()
+
+
+def test_predict_skip_bad_reports_and_writes_the_rest(model, data, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = data / "synthetic_object" / "test" / "good"
+    for name in ("000.png", "001.png"):
+        (folder / name).write_bytes((good / name).read_bytes())
+    (folder / "002.png").write_bytes(b"broken")
+    assert main(["predict", str(model), str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["predict", str(model), str(folder), "--out", str(tmp_path / "o"), "--skip-bad", "--quiet"]) == 0
+    assert "skipped" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert len(doc["images"]) == 2 and doc["skipped"][0]["path"].endswith("002.png")
+
+
+def test_evaluate_saves_the_fitted_model(data, tmp_path):
+    path = tmp_path / "m.pyad"
+    assert main(["evaluate", "--data", str(data / "synthetic_texture"), "--out", str(tmp_path / "r"), "--no-pictures",
+                 "--save-model", str(path), "--model", "padim", "--quiet", *SMALL]) == 0
+    import pyad
+
+    assert pyad.load(path).n_train_ == 10

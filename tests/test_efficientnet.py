@@ -135,6 +135,14 @@ def test_taps_and_truncation():
         small(x)
     with pytest.raises(ValueError, match="head"):
         E.features(small, x, ("head",))
+    assert [E.resolve_tap(name, t) for t in ("stem", "layer3", "stage7", "blocks.3", "head")] == [
+        "stem", "blocks.10", "blocks.15", "blocks.3", "head"]
+    body = E.Features(name, ("layer1", "blocks.4"))  # the nn.Module form, as pyad.backbones uses it
+    keys = list(body.state_dict())
+    assert keys == [k for k in full.state_dict() if k in set(keys)]  # official keys, official order
+    assert keys[-1] == "_blocks.4._bn2.num_batches_tracked" and len(body._blocks) == 5 and not body.has_head
+    y = body.eval()(torch.randn(1, 3, 64, 64))
+    assert list(y) == ["layer1", "blocks.4"] and y["blocks.4"].shape == (1, 40, 8, 8)
     with_head = _meta(name, taps=("head",))
     assert with_head.has_head and not hasattr(with_head, "_fc")
     for bad in ("layer5", "blocks.16", "stage8", "conv1"):
@@ -288,6 +296,7 @@ def test_wheel_with_right_hash(tmp_path, monkeypatch, hub):
     )
     state, digest, source = E.load_imagenet("efficientnet_lite0")
     assert digest == E.sha256_of(path) and str(path) in source
+    assert E.imagenet_checkpoint("efficientnet_lite0") == path
     loaded = E.build("efficientnet_lite0", taps=("stem",), weights="imagenet")
     torch.testing.assert_close(loaded._conv_stem.weight, net._conv_stem.weight)
     assert loaded.weights_sha256 == digest
@@ -309,6 +318,9 @@ def test_offline_download_names_the_fix(monkeypatch, hub):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match="Offline, put efficientnet-b5"):
+        E.imagenet_checkpoint("efficientnet_b5")
+    calls.clear()
     with pytest.raises(ValueError) as err:
         E.load_imagenet("efficientnet_b5")
     url = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b5-b6417697.pth"

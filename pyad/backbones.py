@@ -328,6 +328,17 @@ class Backbone(nn.Module):
         return {name: out[tap].contiguous() for name, tap in zip(self.layer_names, self.taps)}
 
 
+def normalisation(name: str) -> tuple[tuple, tuple]:
+    """(mean, std) the backbone's weights expect: ImageNet's, except the EfficientNet-Lite
+    checkpoints (converted from TF: 127/255 and 128/255, ``efficientnet.PREPROCESSING``)."""
+    if _family(name) == "efficientnet":
+        from . import efficientnet as E
+
+        pre = E.PREPROCESSING[name]
+        return tuple(pre.mean), tuple(pre.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def _checkpoint_key(key: str) -> str:
     """Our key (``body.layer1.0.conv1.weight``) -> the checkpoint's (``layer1.0.conv1.weight``)."""
     return key.split(".", 1)[1]

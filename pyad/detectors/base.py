@@ -218,10 +218,12 @@ class Detector:
         return imgs.Preprocess(self.image_size, self.crop_size, mean=mean, std=std)
 
     def _normalisation(self) -> tuple[tuple, tuple]:
-        """Input mean/std (ImageNet's unless the method or its weights say otherwise)."""
-        from ..backbones import IMAGENET_MEAN, IMAGENET_STD
+        """Input mean/std: what the backbone's weights expect (ImageNet's, or e.g. the
+        EfficientNet-Lite checkpoints' own), unless the method says otherwise."""
+        from ..backbones import IMAGENET_MEAN, IMAGENET_STD, NAMES, normalisation
 
-        return IMAGENET_MEAN, IMAGENET_STD
+        backbone = getattr(self, "backbone", None)
+        return normalisation(backbone) if backbone in NAMES else (IMAGENET_MEAN, IMAGENET_STD)
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, train, *, validation=None, labels=None, checkpoint=None) -> "Detector":

@@ -172,6 +172,22 @@ def test_synthetic_selection_keeps_the_best_evaluation(data):
             torch.testing.assert_close(p, q, msg=n)
 
 
+def test_a_synthetic_run_checkpoint_also_gives_the_last_pass(data, tmp_path):
+    train, test = data
+    kw = {**TINY, "max_epochs": 4, "validation": 0.34}
+    ckpt = tmp_path / "synthetic.ckpt"
+    pyad.SimpleNet(**kw, select="synthetic", select_every=2).fit(train, checkpoint=ckpt)
+    from_ckpt = pyad.SimpleNet(**kw).fit(train, checkpoint=ckpt)  # select="last": nothing left to train
+    straight = pyad.SimpleNet(**kw).fit(train)
+    np.testing.assert_array_equal(from_ckpt.predict(test).scores, straight.predict(test).scores)
+    more = pyad.SimpleNet(**{**kw, "max_epochs": 6}, select="synthetic", select_every=2).fit(train, checkpoint=ckpt)
+    assert [r["epoch"] for r in more.selection_] == [2, 4, 6]  # resumed with its evaluations
+    last_ckpt = tmp_path / "last.ckpt"
+    pyad.SimpleNet(**kw).fit(train, checkpoint=last_ckpt)
+    with pytest.raises(ValueError, match="without select='synthetic' evaluations"):
+        pyad.SimpleNet(**{**kw, "max_epochs": 6}, select="synthetic", select_every=2).fit(train, checkpoint=last_ckpt)
+
+
 def test_synthetic_selection_needs_validation_images(data):
     with pytest.raises(ValueError, match="select: 'synthetic' needs validation images"):
         pyad.SimpleNet(**TINY, select="synthetic", validation=0).fit(data[0])

@@ -285,6 +285,12 @@ class SimpleNet(TrainedDetector, FrozenFeatureDetector):
         return SimpleNetModule(self._embedder(self._network()), self._head(self.networks_))
 
     # -- training -------------------------------------------------------------------------------------
+    def run_settings(self) -> dict:
+        """As the family's, less ``select`` / ``select_every``: the evaluations on
+        synthetic anomalies do not change the training trajectory (tested), so a
+        select="synthetic" run's checkpoint also gives its last pass (select="last")."""
+        return {k: v for k, v in super().run_settings().items() if k not in ("select", "select_every")}
+
     def _features(self, embed: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Patch features of uint8 images [N, S, S, 3], once: [N, H, W, d] float32."""
         out = None
@@ -316,8 +322,12 @@ class SimpleNet(TrainedDetector, FrozenFeatureDetector):
         run = training.Run(self.name, modules=nets, optimizers=opts, max_epochs=self.max_epochs,
                            max_steps=self.max_steps, checkpoint=checkpoint, device=self.device, amp=self.amp,
                            early_stopping_patience=patience, settings=self.run_settings())
+        if synth is not None and run.resumed:
+            done = {r["epoch"] for r in run.history if "image_auroc" in r}
+            if any(e not in done for e in range(self.select_every, run.epoch + 1, self.select_every)):
+                raise ValueError(f"checkpoint: {checkpoint} was trained without select='synthetic' evaluations "
+                                 "(its best pass is unknown); use select='last' with it, or another checkpoint path")
         batches = training.Batches(n, self.batch_size, self.seed)
-        self.selection_ = []
         for epoch in run.epochs():
             adaptor.train()
             dsc.train()
@@ -329,14 +339,17 @@ class SimpleNet(TrainedDetector, FrozenFeatureDetector):
                 run.log(loss=loss, p_true=p_true, p_fake=p_fake)
             if synth is not None and ((epoch + 1) % self.select_every == 0 or epoch + 1 == self.max_epochs):
                 image_auroc, pixel_auroc = self._evaluate_synthetic(nets, synth)
-                self.selection_.append({"epoch": epoch + 1, "image_auroc": image_auroc, "pixel_auroc": pixel_auroc})
                 # lexicographic (image AUROC, then pixel AUROC) as one lower-is-better value:
                 # an image-AUROC step (>= 1/(n_pos·n_neg)) outweighs any pixel difference
                 step = 0.5 / (len(synth["labels"]) // 2) ** 2
-                if run.validate((1.0 - image_auroc) + step * (1.0 - pixel_auroc)):
+                stop = run.validate((1.0 - image_auroc) + step * (1.0 - pixel_auroc))
+                run.history[-1].update(image_auroc=image_auroc, pixel_auroc=pixel_auroc)  # kept in checkpoints
+                if stop:
                     break
         run.finish()
         self.history_ = run.history
+        self.selection_ = [{k: r[k] for k in ("epoch", "image_auroc", "pixel_auroc")}
+                           for r in run.history if "image_auroc" in r]
         self.selected_epoch_ = run.best_epoch if synth is not None and run.best_epoch is not None else run.epoch
         if val_feats is None:
             return None

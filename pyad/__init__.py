@@ -17,9 +17,9 @@ numba.
 from ._version import __version__
 from . import kernels
 
-_LAZY = {"AST", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
+_LAZY = {"AST", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "DefectClassifier", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
-_MODULES = {"datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops"}
+_MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops"}
 
 
 def __getattr__(name):

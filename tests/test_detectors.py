@@ -26,7 +26,26 @@ CONFIGS = {  # name -> (parameters, atol of the exported (portable) path vs pred
                        **FROZEN), 1e-4),
     "ast": (dict(backbone="resnet18", layers=("layer2",), teacher_hidden=16, student_hidden=16, student_blocks=1,
                  pos_enc_dim=8, max_epochs=3, **FROZEN), 1e-5),
+    "vae": (dict(max_epochs=2, latent_dim=16, widths=(8, 16, 16, 16), **SMALL), 1e-5),
+    "classifier": (dict(backbone="resnet18", weights=None, unfreeze="all", augment=False, max_epochs=4, lr=1e-3,
+                        **SMALL), 1e-5),
 }
+NEEDS_LABELS = {"classifier"}  # supervised: fit gets labelled images (see labelled)
+
+
+def labelled(name, images):
+    """(images, fit keywords): a detector in NEEDS_LABELS learns from the images with
+    the test images' bright defect painted into every other one, labelled "defect"."""
+    if name not in NEEDS_LABELS:
+        return images, {}
+    images = np.array(images, copy=True)
+    images[1::2, 20:40, 20:40] = 255
+    return images, {"labels": ["good" if i % 2 == 0 else "defect" for i in range(len(images))]}
+
+
+def fit(det, images, **kw):
+    images, extra = labelled(det.name, images)
+    return det.fit(images, **extra, **kw)
 
 
 def test_every_registered_detector_is_covered():
@@ -53,7 +72,7 @@ def fitted(data):
 
     def get(name):
         if name not in cache:
-            cache[name] = REGISTRY[name](**CONFIGS[name][0]).fit(data[0])
+            cache[name] = fit(REGISTRY[name](**CONFIGS[name][0]), data[0])
         return cache[name]
 
     return get
@@ -67,7 +86,7 @@ def det(make, fitted):
 def test_fit_returns_self_and_predict_shapes(make, data):
     train, test = data
     d = make()
-    assert d.fit(train) is d
+    assert fit(d, train) is d
     pred = d.predict(test)
     assert pred.scores.dtype == np.float32 and pred.scores.shape == (4,)
     assert pred.maps.dtype == np.float32 and pred.maps.shape == (4, 64, 64)
@@ -116,8 +135,8 @@ def test_predict_before_fit_raises(make, data):
 
 def test_seed_determinism(make, data):
     train, test = data
-    a = make(seed=3).fit(train).predict(test)
-    b = make(seed=3).fit(train).predict(test)
+    a = fit(make(seed=3), train).predict(test)
+    b = fit(make(seed=3), train).predict(test)
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.maps, b.maps)
 
@@ -209,12 +228,13 @@ def test_concurrent_predict_matches_serial(det, data, tmp_path):
 
 def test_folder_input_and_bad_files(make, data, tmp_path):
     train, test = data
+    images, kw = labelled(make().name, train)
     good = tmp_path / "good"
     good.mkdir()
-    for i, a in enumerate(train):
+    for i, a in enumerate(images):
         Image.fromarray(a).save(good / f"{i:03d}.png")
-    d = make().fit(good)
-    np.testing.assert_allclose(d.predict(test).scores, make().fit(train).predict(test).scores, rtol=1e-5, atol=1e-6)
+    d = make().fit(good, **kw)
+    np.testing.assert_allclose(d.predict(test).scores, fit(make(), train).predict(test).scores, rtol=1e-5, atol=1e-6)
     one = good / "000.png"
     assert d.predict(one).scores.shape == (1,)  # a single path works
     (tmp_path / "empty").mkdir()
@@ -222,7 +242,7 @@ def test_folder_input_and_bad_files(make, data, tmp_path):
         make().fit(tmp_path / "empty")
     (good / "zzz.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read .*zzz.png"):
-        make().fit(good)
+        make().fit(good, **labelled(make().name, np.concatenate([train, train[:1]]))[1])
     pred = d.predict([one, good / "zzz.png", good / "001.png"], on_error="skip")
     assert pred.scores.shape == (2,) and [str(p).endswith(n) for p, n in zip(pred.paths, ("000.png", "001.png"))]
     assert len(pred.skipped) == 1 and pred.skipped[0][0].endswith("zzz.png") and "cannot read" in pred.skipped[0][1]
@@ -231,17 +251,17 @@ def test_folder_input_and_bad_files(make, data, tmp_path):
 def test_bad_arrays_and_parameters(make, data):
     train, test = data
     with pytest.raises(ValueError, match="channels"):
-        make().fit(np.zeros((4, 32, 32, 4), np.uint8))
+        fit(make(), np.zeros((4, 32, 32, 4), np.uint8))
     nan = test.astype(np.float32) / 255
     nan[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        make().fit(train).predict(nan)
+        fit(make(), train).predict(nan)
     with pytest.raises(ValueError, match="image_size"):
-        make(image_size=8).fit(train)
+        fit(make(image_size=8), train)
     with pytest.raises(ValueError, match="batch_size"):
         make(batch_size="abc").fit(train)
     with pytest.raises(ValueError, match="at least 2"):
-        make().fit(train[:1])
+        fit(make(), train[:1])
 
 
 def test_calibrate_sets_an_f1_optimal_threshold(det, data):
@@ -283,8 +303,9 @@ def test_fit_never_reads_test_images(make, data, tmp_path, monkeypatch):
     from pyad import datasets
 
     train, test = data
+    images, kw = labelled(make().name, train)
     root = tmp_path / "cat"
-    for sub, imgs in (("train/good", train), ("test/good", test[:2]), ("test/defect", test[2:])):
+    for sub, imgs in (("train/good", images), ("test/good", test[:2]), ("test/defect", test[2:])):
         (root / sub).mkdir(parents=True)
         for i, a in enumerate(imgs):
             Image.fromarray(a).save(root / sub / f"{i:03d}.png")
@@ -298,7 +319,7 @@ def test_fit_never_reads_test_images(make, data, tmp_path, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(imgs_mod, "open_image", guarded)
-    d = make().fit(ds)
+    d = make().fit(ds, **kw)
     assert d.n_train_ == len(train)
 
 
@@ -313,11 +334,11 @@ def test_unsupervised_detectors_refuse_anomalous_labels(make, data):
 
 def test_explicit_validation_images(make, data):
     train, _ = data
-    d = make().fit(train[:14], validation=train[14:])
+    d = fit(make(), train[:14], validation=train[14:])
     assert d.n_train_ == 14 and "6 normal validation images" in d.threshold_rule_
 
 
 def test_too_few_images_for_validation_says_what_to_do(make, data):
-    d = make(validation=0.05).fit(data[0][:6])
+    d = fit(make(validation=0.05), data[0][:6])
     assert d.threshold_ is None and "no validation images" in d.threshold_rule_
     assert "calibrate" in d.threshold_rule_

@@ -3,11 +3,13 @@ each stable lower-case name (saved in model files, used by the CLI) to its class
 
 from .ast import AST
 from .autoencoder import AutoEncoder
+from .classifier import DefectClassifier
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
 from .ganomaly import GANomaly
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .simplenet import SimpleNet
 from .spade import SPADE
+from .vae import VAE
 
-__all__ = ["REGISTRY", "AST", "AutoEncoder", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "clone", "load"]
+__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "VAE", "clone", "load"]

@@ -165,7 +165,7 @@ def knn(q: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192) -> t
         if best_d is None:
             best_d, best_i = v, i
         else:
-            best_d, order = torch.cat([best_d, v], 1).sort(1, stable=True)
+            best_d, order = torch.cat([best_d, v], 1).sort(dim=1, stable=True)
             best_i = torch.cat([best_i, i], 1).gather(1, order)
             best_d, best_i = best_d[:, :k], best_i[:, :k]
     return best_d, best_i

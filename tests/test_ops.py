@@ -1,0 +1,54 @@
+"""The exportable ops against direct formulations: chunked k-NN, channel pooling,
+the Mahalanobis twin, blur and upsampling."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyad import kernels as K
+from pyad.ops import Mahalanobis, NearestNeighbours, PatchEmbed, channel_pool, knn, portable
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunked_knn_equals_brute_force(k):
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(1000, 16, generator=g), torch.randn(37, 16, generator=g)
+    d, i = knn(q, bank, k, chunk=128)  # 8 chunks: the running top-k merge
+    full = torch.cdist(q.double(), bank.double()).square()
+    want_d, want_i = full.topk(k, dim=1, largest=False)
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-4, atol=1e-4)
+    assert torch.equal(i, want_i)
+    fast = NearestNeighbours(bank, k)
+    fd, fi = fast(q)  # faiss on the CPU fast path
+    torch.testing.assert_close(fd.double(), want_d, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fi, want_i)
+
+
+def test_channel_pool_twin_equals_adaptive_avg_pool1d():
+    x = torch.randn(3, 5, 4608)
+    want = F.adaptive_avg_pool1d(x.reshape(-1, 1, 4608), 1024).reshape(3, 5, 1024)
+    with portable():
+        torch.testing.assert_close(channel_pool(x, 1024), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(channel_pool(x, 1024), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["unfold", "avg", "max", "avgmax"])
+def test_patch_embed_twin_equals_the_kernel(mode):
+    x = torch.randn(2, 24, 9, 11)
+    fast = PatchEmbed(40, 3, 1, 1, mode)(x)
+    with portable():
+        twin = PatchEmbed(40, 3, 1, 1, mode)(x)
+    torch.testing.assert_close(twin, fast, rtol=1e-4, atol=1e-5)
+
+
+def test_mahalanobis_twin_equals_the_kernel():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 30, 6)).astype(np.float32)
+    model = K.gaussian_fit(x[:15])
+    op = Mahalanobis(torch.from_numpy(model.mean), torch.from_numpy(model.factor), model.eps, model.count,
+                     chunk_bytes=4 * 6 * 6 * 7)  # several position chunks
+    fast = op(torch.from_numpy(x[15:]))
+    with portable():
+        twin = op(torch.from_numpy(x[15:]))
+    torch.testing.assert_close(twin, fast, rtol=1e-5, atol=1e-5)

@@ -34,12 +34,17 @@ from torch import nn
 
 from .. import _progress
 from .. import kernels as K
-from ..ops import NearestNeighbours, PatchEmbed, channel_pool, gaussian_blur, knn, upsample
+from ..ops import NearestNeighbours, PatchEmbed, channel_pool, gaussian_blur, upsample
 from .base import register, stage
 from .frozen import FrozenFeatureDetector, validation_from
 from .settings import check
 
 _POOLING = ("unfold", "avg", "max", "avgmax")
+
+
+def _host(a):
+    """A kernel result as a host array (CUDA tensors are copied back)."""
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else a
 
 
 class PatchCoreEmbed(nn.Module):
@@ -232,9 +237,10 @@ class PatchCore(FrozenFeatureDetector):
 
     def _select(self, space, held, fit_rows, val_rows, init, k_fit, k_all):
         if k_fit < len(fit_rows):
-            sel, dist = K.greedy_coreset(np.ascontiguousarray(space[fit_rows]), k_fit, None if init is not None else 0,
+            sel, dist = K.greedy_coreset(self._on_device(space[fit_rows]), k_fit, None if init is not None else 0,
                                          init_distances=None if init is None else init[fit_rows],
                                          storage=self.coreset_storage, return_distances=True)
+            sel, dist = _host(sel), _host(dist)
             prefix = fit_rows[np.asarray(sel)]
         else:
             prefix, dist = fit_rows, np.zeros(len(fit_rows), np.float32)
@@ -244,16 +250,23 @@ class PatchCore(FrozenFeatureDetector):
             # continue the greedy selection over every patch from the training part's selection
             start = np.full(len(held), 1e30, np.float32) if init is None else init.copy()  # 1e30: not reached yet
             start[fit_rows] = dist
-            q = torch.from_numpy(np.ascontiguousarray(space[val_rows]))
-            nearest, _ = knn(q, torch.from_numpy(np.ascontiguousarray(space[prefix])), 1)
-            start[val_rows] = np.minimum(start[val_rows], nearest[:, 0].sqrt().numpy())
+            nearest = NearestNeighbours(torch.from_numpy(np.ascontiguousarray(space[prefix])))  # faiss: blocked
+            d2, _ = nearest(torch.from_numpy(np.ascontiguousarray(space[val_rows])))
+            start[val_rows] = np.minimum(start[val_rows], d2[:, 0].clamp_min(0).sqrt().numpy())
             start[prefix] = 0.0
-            more = K.greedy_coreset(space, k_all - len(prefix), None, init_distances=start,
+            more = K.greedy_coreset(self._on_device(space), k_all - len(prefix), None, init_distances=start,
                                     storage=self.coreset_storage)
-            rows = np.concatenate([prefix, np.asarray(more)])
+            rows = np.concatenate([prefix, np.asarray(_host(more))])
         self.memory_bank_ = self._gather(rows)
         del self._parts, self._proj, self._held, self._val_emb
         return val
+
+    def _on_device(self, rows: np.ndarray):
+        """The selection's features: a CUDA tensor on a CUDA detector (the kernel's
+        torch-CUDA greedy loop, float32 storage), else the host array."""
+        if str(self.device).startswith("cuda") and self.coreset_storage == "float32":
+            return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        return np.ascontiguousarray(rows)
 
     def _approximate_start(self, space, fit_rows):
         """ApproximateGreedyCoresetSampler's start: each row's mean distance to

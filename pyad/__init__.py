@@ -19,7 +19,8 @@ from . import kernels
 
 _LAZY = {"AST", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "DefectClassifier", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
-_MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops"}
+_MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops", "distill"}
+_FUNCTIONS = {"distill_teacher": "distill"}  # name -> module holding it
 
 
 def __getattr__(name):
@@ -31,6 +32,8 @@ def __getattr__(name):
         return getattr(importlib.import_module(".evaluation", __name__), name)
     if name in _MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(f".{_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module 'pyad' has no attribute {name!r}")
 
 
@@ -58,4 +61,4 @@ def info() -> dict:
     return {"version": __version__, **kernels.info()}
 
 
-__all__ = ["__version__", "info", "kernels", "set_threads", *sorted(_LAZY | _EVALUATION | _MODULES)]
+__all__ = ["__version__", "info", "kernels", "set_threads", *sorted(_LAZY | _EVALUATION | _MODULES | set(_FUNCTIONS))]

@@ -425,6 +425,23 @@ def _kernels(args) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------
+def _distill_teacher(args) -> int:
+    from .distill import distill_teacher
+
+    out = _output_file(args.out, "--out")
+    checkpoint = _output_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
+    weights = None if args.weights.lower() == "none" else args.weights
+    layers = tuple(x.strip() for x in args.layers.split(",") if x.strip())
+    _say(args, f"distilling an EfficientAD-{args.model_size.upper()} teacher from {args.backbone} ({args.weights}) "
+               f"over {args.images}: {args.steps} steps of {args.batch_size} images")
+    rec = distill_teacher(args.images, out, model_size=args.model_size, backbone=args.backbone, weights=weights,
+                          layers=layers, image_size=args.image_size, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, norm_images=args.norm_images, seed=args.seed, device=args.device,
+                          amp=args.amp, checkpoint=checkpoint)
+    _say(args, f"distilled in {rec['seconds']:.1f} s, final loss {rec['final_loss']}", f"wrote {out} and {out}.json")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -501,6 +518,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=10, metavar="N", help="images timed (default 10)")
     p.add_argument("--json", metavar="FILE", help="write pytest-benchmark-compatible JSON "
                                                   "(compare runs with: pytest-benchmark compare A.json B.json)")
+
+    p = cmd("distill-teacher", _distill_teacher, "distil an EfficientAD teacher (PDN) from an ImageNet backbone over a "
+                                                 "folder of natural images (nelson1425/EfficientAD pretraining.py)")
+    p.add_argument("images", help="folder of natural images, searched recursively (the reference: ImageNet train)")
+    p.add_argument("--out", required=True, metavar="FILE", help="teacher state_dict to write, e.g. teacher_small.pth "
+                                                               "(a JSON record of how it was made goes next to it)")
+    p.add_argument("--model-size", choices=("s", "m"), default="s", help="EfficientAD-S or -M (default s)")
+    p.add_argument("--backbone", default="wide_resnet101_2", metavar="NAME",
+                   help="feature extractor (default wide_resnet101_2, as the reference; offline e.g. efficientnet_lite0)")
+    p.add_argument("--weights", default="imagenet", metavar="W", help="'imagenet', a checkpoint path, or 'none'")
+    p.add_argument("--layers", default="layer2,layer3", metavar="L1,L2", help="stride-8 and stride-16 taps "
+                                                                             "(default layer2,layer3)")
+    p.add_argument("--image-size", type=int, default=256, metavar="N", help="PDN input; the backbone sees 2N (default 256)")
+    p.add_argument("--steps", type=int, default=60_000, metavar="N", help="training steps (default 60000)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per step (default 16)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--norm-images", type=int, default=10_000, metavar="N",
+                   help="images for the target's channel mean/std (default 10000)")
+    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default cpu)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the PDN (default: float32, the reference)")
+    p.add_argument("--checkpoint", metavar="FILE", help="resumable checkpoints; run again with the same file to continue")
 
     cmd("info", _info, "print version, kernel backend, instruction set, threads and device as JSON")
     cmd("kernels", _kernels, "run every compiled kernel on every backend against the NumPy reference")

@@ -21,6 +21,7 @@ CONFIGS = {  # name -> (parameters, atol of the exported (portable) path vs pred
     "padim": (dict(backbone="resnet18", **FROZEN), 1e-4),
     "spade": (dict(backbone="resnet18", k_images=4, **FROZEN), 1e-4),
     "autoencoder": (dict(max_epochs=2, **SMALL), 1e-6),
+    "efficientad": (dict(teacher="random", max_steps=4, **SMALL), 1e-6),
     "ganomaly": (dict(latent_dim=16, ngf=8, ndf=8, max_epochs=2, **SMALL), 1e-5),
     "simplenet": (dict(backbone="resnet18", crop_size=None, embed_dim=64, target_dim=64, dsc_hidden=32, max_epochs=4,
                        **FROZEN), 1e-4),

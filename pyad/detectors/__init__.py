@@ -5,6 +5,7 @@ from .ast import AST
 from .autoencoder import AutoEncoder
 from .classifier import DefectClassifier
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
+from .efficientad import EfficientAD
 from .ganomaly import GANomaly
 from .padim import PaDiM
 from .patchcore import PatchCore
@@ -12,4 +13,4 @@ from .simplenet import SimpleNet
 from .spade import SPADE
 from .vae import VAE
 
-__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "VAE", "clone", "load"]
+__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "EfficientAD", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "VAE", "clone", "load"]

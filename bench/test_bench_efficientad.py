@@ -1,0 +1,184 @@
+"""EfficientAD-S and -M against anomalib 2.7's EfficientAd on this machine, in the
+same run (CPU, 256 px, batch 1 training, random teacher so nothing is downloaded,
+penalty images from /work/shared/data/imagenet_samples for both):
+
+- training steps per second: anomalib through ``Engine.fit(max_steps=N)``
+  (bench/anomalib_ref/efficientad.py), pyad through ``fit(max_steps=N)``
+  (bench/efficientad_train.py), each in its own process, steady state (the end of
+  step 1 to the end of step N);
+- predict latency at batch 1 and 8: anomalib's torch model in eval mode (its runner:
+  3 warm-up calls, mean of 5) and pyad's inference module here with pytest-benchmark
+  (3 warm-up rounds, 5 timed, minimum kept as for every pyad bench), on the same
+  input batch;
+- equal maps for equal weights: anomalib's trained weights (teacher, student,
+  autoencoder, teacher statistics, quantiles) loaded into pyad give anomalib's maps.
+  anomalib normalises the maps after padding and resizing them (the reference before),
+  so its border differs by c·(1 − U(P(1))), c the folded offset, which is added back;
+- per-stage latency (teacher / student / autoencoder / map) by ``pyad.latency``.
+
+Targets (2-core machine): pyad >= 1.5x anomalib's training steps/s and >= 1.5x lower
+predict latency (stretch 2x). Steps: PYAD_BENCH_EAD_STEPS (default 12 for S, 6 for M).
+Skipped without the anomalib venv (PYAD_ANOMALIB_PYTHON or /work/anomalib-venv)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyad
+from conftest import RESULTS, record, save
+
+HERE = Path(__file__).parent
+DATA = HERE.parents[1] / "shared" / "data"
+BOTTLE = DATA / "mvtec_ad" / "bottle"
+PENALTY = DATA / "imagenet_samples"
+ANOMALIB_PY = os.environ.get("PYAD_ANOMALIB_PYTHON", "/work/anomalib-venv/bin/python")
+SIZES = {"s": "small", "m": "medium"}
+STEPS = {"s": 12, "m": 6}
+pytestmark = pytest.mark.skipif(not BOTTLE.is_dir(), reason="MVTec AD bottle not present")
+
+
+def steps(size: str) -> int:
+    return int(os.environ.get("PYAD_BENCH_EAD_STEPS", STEPS[size]))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("efficientad")
+
+
+def _json_run(cmd: list[str], timeout: float = 7200) -> dict:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def anomalib(work):
+    """anomalib's figures, weights and maps per model size (run once each)."""
+    if not Path(ANOMALIB_PY).exists():
+        pytest.skip(f"no anomalib venv at {ANOMALIB_PY} (set PYAD_ANOMALIB_PYTHON)")
+    cache = {}
+
+    def get(size):
+        if size not in cache:
+            args = [ANOMALIB_PY, str(HERE / "anomalib_ref" / "efficientad.py"), "--model-size", SIZES[size],
+                    "--steps", str(steps(size)), "--imagenet-dir", str(PENALTY), "--save-weights",
+                    str(work / f"anomalib_{size}.pth"), "--save-maps", str(work / f"anomalib_{size}.npz")]
+            if size == "m":
+                args.append("--skip-teacher-stats")  # start-up only (209 teacher-M forwards); per-step work equal
+            cache[size] = _json_run(args)
+        return cache[size]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def imported(anomalib, work):
+    """pyad detectors holding anomalib's trained weights, and the anomalib maps."""
+    cache = {}
+
+    def get(size):
+        if size not in cache:
+            anomalib(size)
+            state = torch.load(work / f"anomalib_{size}.pth", map_location="cpu", weights_only=True)
+            det = pyad.EfficientAD(model_size=size, teacher="random", image_size=256).load_anomalib_state(state)
+            cache[size] = (det, dict(np.load(work / f"anomalib_{size}.npz")))
+        return cache[size]
+
+    return get
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_anomalib_training_and_predict(anomalib, size):
+    r = anomalib(size)
+    RESULTS.setdefault("efficientad", {})[f"anomalib-{size}"] = {
+        "steps_per_s": r["train"]["steps_per_s"], "predict_ms": {p["batch"]: p["ms_per_batch"] for p in r["predict"]},
+        "peak_rss_gb": r["peak_rss_gb"]}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_pyad_training(size):
+    r = _json_run([sys.executable, str(HERE / "efficientad_train.py"), "--model-size", size, "--steps",
+                   str(steps(size)), "--penalty", str(PENALTY)])
+    RESULTS.setdefault("efficientad", {})[f"pyad-{size}"] = {"steps_per_s": r["train"]["steps_per_s"],
+                                                            "peak_rss_gb": r["peak_rss_gb"]}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_equal_maps_for_equal_weights(imported, size):
+    det, ref = imported(size)
+    x01 = torch.from_numpy(ref["x"]).float()
+    pre = det.preprocessing
+    x = (x01 - pre.mean) / pre.std
+    with torch.inference_mode():
+        scores, maps = det.inference_module()(x)
+    a, b, c = (float(v) for v in det.inference_module().coef)
+    ones = F.pad(torch.ones(1, 56, 56), (4, 4, 4, 4))
+    border = 1.0 - F.interpolate(ones[:, None], size=(256, 256), mode="bilinear", align_corners=False)[:, 0]
+    want = torch.from_numpy(ref["anomaly_map"]).float()[:, 0]
+    got = maps + c * border  # anomalib normalises after padding and resizing
+    scale = float(want.abs().max())
+    diff = float((got - want).abs().max())
+    interior = float((maps - want)[:, 24:-24, 24:-24].abs().max())
+    RESULTS.setdefault("efficientad", {})[f"equal-maps-{size}"] = {"max_abs_diff": diff, "interior_max_abs_diff":
+                                                                  interior, "map_scale": scale}
+    assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
+    assert interior <= 1e-4 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("size", list(SIZES))
+def test_pyad_predict_latency(benchmark, imported, size, batch):
+    det, ref = imported(size)
+    pre = det.preprocessing
+    x = ((torch.from_numpy(ref["x"]).float() - pre.mean) / pre.std)[:batch].contiguous()
+    module = det.inference_module()
+
+    def call():
+        with torch.inference_mode():
+            return module(x)
+
+    record(benchmark, "efficientad predict", f"pyad-{size}-b{batch}", call, rounds=5, warmup=3)
+    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}", {}).setdefault("predict_ms", {})[batch] = (
+        1e3 * benchmark.stats.stats.min)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_stage_latency(imported, size):
+    det, _ = imported(size)
+    ds = pyad.datasets.mvtec_ad(BOTTLE.parent, "bottle")
+    lat = pyad.latency(det, ds, batch_sizes=(1,), max_images=3)
+    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}", {})["stage_ms"] = lat.stage_ms()
+
+
+def test_summary():
+    res = RESULTS.get("efficientad", {})
+    rows, misses = {}, []
+    for size in SIZES:
+        mine, ref = res.get(f"pyad-{size}", {}), res.get(f"anomalib-{size}")
+        if not ref or "steps_per_s" not in mine or "predict_ms" not in mine:
+            continue
+        row = {"pyad": mine, "anomalib": ref,
+               "training_speedup": mine["steps_per_s"] / ref["steps_per_s"],
+               "predict_speedup": {b: ref["predict_ms"][b] / mine["predict_ms"][b] for b in (1, 8)
+                                   if b in mine["predict_ms"] and b in ref["predict_ms"]},
+               "equal_maps": res.get(f"equal-maps-{size}")}
+        rows[size] = row
+        checks = [("training >= 1.5x", row["training_speedup"] >= 1.5)]
+        checks += [(f"predict b{b} >= 1.5x", v >= 1.5) for b, v in row["predict_speedup"].items()]
+        for what, ok in checks:
+            print(f"{'met ' if ok else 'MISS'} EfficientAD-{size.upper()} {what}")
+            if not ok:
+                misses.append(f"{size} {what}")
+    if not rows:
+        pytest.skip("no anomalib figures in this run")
+    save("efficientad", rows)
+    print(json.dumps(rows, indent=1, default=str))
+    assert not misses, misses

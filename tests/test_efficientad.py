@@ -182,12 +182,12 @@ def _reference_losses(student, ae, t_st, t_ae, x_st, x_ae, x_p):
     return loss_st + loss_ae + loss_stae, loss_ae, loss_stae
 
 
-@pytest.mark.parametrize("penalty", [False, True])
-def test_step_losses_and_gradients_equal_the_reference_formulas(penalty):
+@pytest.mark.parametrize("penalty,model_size", [(False, "s"), (True, "s"), (True, "m")])
+def test_step_losses_and_gradients_equal_the_reference_formulas(penalty, model_size):
     torch.manual_seed(3)
     size = 64
     m = E.pdn_output_size(size, False)
-    student, ae = E.pdn_small(768), E.autoencoder(384, size, m).eval()  # eval: no dropout, comparable
+    student, ae = E.pdn(model_size, 768), E.autoencoder(384, size, m).eval()  # eval: no dropout, comparable
     x_st, x_ae, x_p = torch.randn(3, 1, 3, size, size)
     t_st, t_ae = torch.randn(2, 1, 384, m, m)
     mine = E.step_losses(student, ae, t_st, t_ae, x_st, x_ae, x_p if penalty else None)
@@ -465,7 +465,7 @@ def test_parameter_errors():
     train = _images(4, 64)
     for kw, name in ((dict(model_size="l"), "model_size"), (dict(teacher=3), "teacher"),
                      (dict(map_quantiles=(0.9, 0.5)), "map_quantiles"), (dict(hard_quantile=1.0), "hard_quantile"),
-                     (dict(fp16=True), "fp16"), (dict(early_stopping_patience=3), "early_stopping_patience"),
+                     (dict(precision="float16"), "precision"), (dict(early_stopping_patience=3), "early_stopping_patience"),
                      (dict(image_size=48), "image_size")):
         with pytest.raises(ValueError, match=name):
             pyad.EfficientAD(**{"teacher": "random", "max_steps": 1, "image_size": 64, **kw}).fit(train)
@@ -476,9 +476,9 @@ def test_cuda_fp16_inference_close_to_fp32(fitted, tmp_path):
     det, train = fitted
     want = det.predict(train[:4]).maps
     det.save(tmp_path / "m.pyad")
-    gpu = pyad.load(tmp_path / "m.pyad").set_params(device="cuda")
+    gpu = pyad.load(tmp_path / "m.pyad").set_params(device="cuda", precision="float16")
     got = gpu.predict(train[:4]).maps
-    assert gpu.inference_module().half
+    assert gpu.inference_module().dtype == torch.float16
     np.testing.assert_allclose(got, want, atol=2e-2 * float(np.abs(want).max()))
 
 

@@ -429,25 +429,23 @@ class EfficientADModule(nn.Module):
     student and autoencoder, the two maps, the folded normalisation, pad and resize."""
 
     def __init__(self, teacher, student, ae, mean, std, quantiles: dict, size: int, pad: tuple[int, int],
-                 half: bool = False):
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.teacher = fold_normalisation(teacher, mean, std)
         self.student = copy.deepcopy(student)
         self.ae = copy.deepcopy(ae)
         a, b, c = map_coefficients(quantiles)
         self.register_buffer("coef", torch.tensor([a, b, c], dtype=torch.float32))
-        self.size, self.pad, self.half = size, tuple(pad), half
+        self.size, self.pad, self.dtype = size, tuple(pad), dtype
         self.channels = int(mean.numel())
         for net in (self.teacher, self.student, self.ae):
             net.eval().to(memory_format=torch.channels_last)
-            if half:
-                net.half()
+            net.to(dtype)
 
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M_ST, M_AE) [B, h, w] before normalisation (h = w = 56 at 256 px)."""
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.half:
-            x = x.half()
+        x = x.to(self.dtype)
         t = self.teacher(x).float()
         stage("teacher")
         s = self.student(x).float()
@@ -490,15 +488,13 @@ class EfficientAD(TrainedDetector):
     weight_decay: Adam's (1e-5).
     padding: the PDNs with padding (maps cover the border; the reference trains
         without: ``False``); pad_maps: pad unpadded maps by 4 to align them (True).
-    fp16: half-precision inference (None: on CUDA, as ``benchmark.py``; never on CPU).
     """
 
     defaults = dict(max_steps=70_000, lr=1e-4, batch_size=8, image_size=256)
-    runtime_params = frozenset({"device", "batch_size", "fp16"})
     schema = 1
 
     def __init__(self, *, model_size="s", teacher="pretrained", penalty_images=None, hard_quantile=0.999,
-                 map_quantiles=(0.9, 0.995), weight_decay=1e-5, padding=False, pad_maps=True, fp16=None, **common):
+                 map_quantiles=(0.9, 0.995), weight_decay=1e-5, padding=False, pad_maps=True, **common):
         super().__init__(**common)
         self.model_size = model_size
         self.teacher = teacher
@@ -508,7 +504,6 @@ class EfficientAD(TrainedDetector):
         self.weight_decay = weight_decay
         self.padding = padding
         self.pad_maps = pad_maps
-        self.fp16 = fp16
 
     def _check_own_params(self):
         check(self.model_size in ("s", "m"), "model_size", "'s' or 'm'", self.model_size)
@@ -527,10 +522,6 @@ class EfficientAD(TrainedDetector):
         check(lambda: self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         check(isinstance(self.padding, bool), "padding", "True or False", self.padding)
         check(isinstance(self.pad_maps, bool), "pad_maps", "True or False", self.pad_maps)
-        check(self.fp16 in (None, True, False), "fp16", "None, True or False", self.fp16)
-        if self.fp16 and not str(self.device).startswith("cuda"):
-            raise ValueError("fp16: half-precision inference needs device='cuda' (on the CPU it is slower and less "
-                             "exact); leave fp16=None")
         check(self.early_stopping_patience is None, "early_stopping_patience",
               "None (EfficientAD trains for a fixed number of steps, as the reference)", self.early_stopping_patience)
         check(self.preprocessing.size >= 64, "image_size", "a network input of at least 64 px (the PDN's receptive "
@@ -555,12 +546,14 @@ class EfficientAD(TrainedDetector):
                 "student": pdn(self.model_size, 2 * OUT_CHANNELS, self.padding),
                 "autoencoder": autoencoder(OUT_CHANNELS, s, self.map_size())}
 
-    def _half(self) -> bool:
-        return bool(self.fp16) if self.fp16 is not None else str(self.device).startswith("cuda")
+    def _dtype(self) -> torch.dtype:
+        """The networks' dtype in the inference module: ``precision="float16"`` on CUDA
+        runs them in half precision throughout, as ``benchmark.py`` l.58-61 (maps in float32)."""
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.precision]
 
     def _module(self, nets, mean, std, quantiles) -> EfficientADModule:
         return EfficientADModule(nets["teacher"], nets["student"], nets["autoencoder"], mean, std, quantiles,
-                                 self.preprocessing.size, self._pad(), self._half())
+                                 self.preprocessing.size, self._pad(), self._dtype())
 
     def _build_module(self):
         return self._module(self.networks_, self.teacher_mean_, self.teacher_std_, self.quantiles_)
@@ -662,7 +655,7 @@ class EfficientAD(TrainedDetector):
                            schedulers={"step": sched}, max_steps=steps, checkpoint=checkpoint, device=self.device,
                            amp=self.amp, settings=self.run_settings())
         order = training.Batches(len(train), 1, self.seed)
-        history, sums = [], {}
+        sums, count = {}, 0  # losses since the last history row (rows go in run.history: checkpointed)
         try:
             for step in run.steps():
                 i = order.step(step)
@@ -683,15 +676,15 @@ class EfficientAD(TrainedDetector):
                 run.log(**shown)
                 for k, v in shown.items():
                     sums[k] = sums.get(k, 0.0) + v
-                if (step + 1) % 100 == 0 or step + 1 == steps:  # mean losses per 100 steps
-                    n = (step % 100) + 1
-                    history.append({"step": step + 1, **{k: v / n for k, v in sums.items()}})
-                    sums = {}
+                count += 1
+                if (step + 1) % 100 == 0 or step + 1 == steps:  # mean losses of the last (up to) 100 steps
+                    run.history.append({"step": step + 1, **{k: v / count for k, v in sums.items()}})
+                    sums, count = {}, 0
         finally:
             if penalty:
                 penalty.close()
         del cache
-        self.history_ = history
+        self.history_ = list(run.history)
         self.steps_done_ = run.step
 
         # map normalisation from the normal validation images, never test images (l.318-339)

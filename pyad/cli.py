@@ -211,7 +211,13 @@ def _fit(args) -> int:
     checkpoint = _output_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
     _say(args, f"fitting {det!r} on {what}")
     t0 = time.perf_counter()
-    det.fit(train, checkpoint=checkpoint)
+    if args.ray:  # feature extraction sharded over the cluster (PatchCore, PaDiM)
+        from . import distributed
+
+        distributed.connect(args.ray)
+        distributed.fit(det, train)
+    else:
+        det.fit(train, checkpoint=checkpoint)
     det.save(out, include_weights=args.include_weights)
     thr = "none" if det.threshold_ is None else f"{det.threshold_:.6g}"
     _say(args, f"fitted in {time.perf_counter() - t0:.1f} s; threshold {thr}: {det.threshold_rule_}", f"wrote {out}")
@@ -219,6 +225,8 @@ def _fit(args) -> int:
 
 
 def _predict(args) -> int:
+    if args.ray:
+        return _predict_ray(args)
     import csv
     import io
 
@@ -293,6 +301,8 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 
 def _evaluate(args) -> int:
+    if args.ray:
+        return _evaluate_ray(args)
     from .evaluation import evaluate
 
     out = _output_folder(args.out, "--out")
@@ -309,6 +319,82 @@ def _evaluate(args) -> int:
                       save_model=save)
     print(report.to_markdown())
     _say(args, f"wrote {args.out}/results.md, .csv, .json" + ("" if args.no_pictures else " and pictures"))
+    return EXIT_OK
+
+
+def _ray_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", help=f"{what} on a Ray cluster: its address (HOST:6379, "
+                                                   "ray://HOST:10001, auto) or 'local' to start one on this machine "
+                                                   "(needs pip install \"pyad[ray]\")")
+
+
+def _predict_ray(args) -> int:
+    """``predict --ray``: pyad.distributed.predict; the same scores file, plus
+    scores.parquet, parts/ (a re-run skips finished files), maps/ and masks/."""
+    import csv
+    import io
+
+    from . import distributed
+    from .modelfile import atomic_write
+
+    out = _output_folder(args.out, "--out") if args.out else None
+    det = _load_model(args.model, args.weights)
+    paths = _expand(args.images)
+    distributed.connect(args.ray)
+    pictures = out is not None and not args.no_pictures
+    pred = distributed.predict(det, paths, out=out, maps="low" if pictures else "none", progress=not args.quiet)
+    for path, error in pred.skipped:
+        print(f"pyad: skipped {path}: {error}", file=sys.stderr)
+    labels = [None] * len(pred.scores) if pred.labels is None else [bool(v) for v in pred.labels]
+    if not out:
+        for path, score, label in zip(pred.paths or [], pred.scores, labels):
+            flag = "" if label is None else ("  anomalous" if label else "  normal")
+            print(f"{score:12.5g}{flag}  {path}", flush=True)
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "score", "anomalous"])
+        w.writerows([p, f"{s:.6g}", "" if lab is None else int(lab)] for p, s, lab in zip(pred.paths, pred.scores, labels))
+        atomic_write(out / "scores.csv", buf.getvalue().encode())
+    else:
+        doc = {"threshold": det.threshold_, "pixel_threshold": det.pixel_threshold_,
+               "images": [{"path": p, "score": float(s), "anomalous": lab}
+                          for p, s, lab in zip(pred.paths or [], pred.scores, labels)],
+               "skipped": [{"path": p, "error": e} for p, e in pred.skipped]}
+        atomic_write(out / "scores.json", json.dumps(doc, indent=1).encode())
+    if out:
+        _say(args, f"wrote {out}/scores.{args.format} and {out}/scores.parquet"
+             + (f", {out}/maps/, {out}/masks/" if pictures else ""))
+    if pred.skipped and not args.skip_bad:
+        raise ValueError(f"images: {len(pred.skipped)} unreadable files (listed above; the others were scored); "
+                         "pass --skip-bad to accept them")
+    return EXIT_OK
+
+
+def _evaluate_ray(args) -> int:
+    """``evaluate --ray``: one Ray task per category (pyad.distributed.fit_many)."""
+    from . import datasets as D
+    from . import distributed
+
+    if args.load:
+        raise ValueError("--load: evaluate --ray fits one model per category; evaluate a saved model without --ray")
+    out = _output_folder(args.out, "--out")
+    det = _make_detector(args)
+    root = Path(args.data)
+    if not root.exists():
+        raise ValueError(f"--data: {root} does not exist")
+    if (root / "train").is_dir():  # one category folder
+        root, names = root.parent, [root.name]
+    else:
+        names = args.category or D.categories(root)
+    distributed.connect(args.ray)
+    many = distributed.fit_many(det, root, names, out=out, pictures=not args.no_pictures, progress=not args.quiet)
+    print(many.to_markdown())
+    _say(args, f"wrote {out}/results.md, .csv, .json and one <category>.pyad per category")
+    if many.failed:
+        print(f"pyad: error: {len(many.failed)} of {len(names)} categories failed (the others finished): "
+              f"{', '.join(many.failed)}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -479,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "an interrupted fit run again with the same file continues")
     p.add_argument("--include-weights", action="store_true",
                    help="embed the frozen backbone's weights in the model file (it then needs no other file)")
+    _ray_option(p, "shard the feature extraction (patchcore, padim)")
     _detector_options(p)
 
     p = cmd("predict", _predict, "score images with a saved model; write scores, heat-map overlays and masks")
@@ -494,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "instead of stopping")
     p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint the model was fitted with, when it is "
                                                      "no longer where it was (checked by its SHA-256)")
+    _ray_option(p, "score (Ray Data: decoding tasks, an actor pool; with --out a re-run skips finished files)")
 
     p = cmd("evaluate", _evaluate, "evaluate on labelled data: metrics table (Markdown, CSV, JSON) and pictures")
     p.add_argument("--data", required=True, metavar="PATH", help="an MVTec AD / LOCO dataset folder or one category folder")
@@ -505,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per defect-type picture, misses first (default 6)")
     p.add_argument("--save-model", metavar="PATH", help="save the fitted model(s): a file for one category, a folder "
                                                         "(one <category>.pyad each) for several")
+    _ray_option(p, "fit and evaluate one category per Ray task (models in --out)")
     _detector_options(p)
 
     p = cmd("bench", _bench, "latency per image and per stage (batch 1: 3 warm-up and 5 timed runs per image, "

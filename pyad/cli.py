@@ -1,4 +1,4 @@
-"""Command line: ``pyad demo | fit | predict | evaluate | bench | info | kernels``
+"""Command line: ``pyad demo | fit | export | quantize | predict | evaluate | bench | info | kernels``
 (also ``python -m pyad``). ``pyad <command> --help`` explains every option.
 
 Exit codes: 0 success; 2 bad usage or input (a message names the argument);
@@ -419,14 +419,56 @@ def _bench(args) -> int:
     lat = latency(det, paths, warmup=args.warmup, runs=args.runs, batch_sizes=sizes, max_images=args.max_images)
     fit = f"; fitted on {det.n_train_} images in {det.fit_seconds_:.1f} s" if det.fit_seconds_ is not None else ""
     _say(args, f"{det!r}, {len(lat.per_image)} images, {args.warmup} warm-up + {args.runs} timed runs each{fit}")
+    sizes_info = det.footprint() if hasattr(det, "footprint") else {}  # ONNX models: file, weights, memory bank
+    if sizes_info:
+        per = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in sizes_info["weights_bytes_per_stage"].items())
+        state = ", ".join(f"{k} {v}" for k, v in sizes_info["state"].items()) or "none"
+        _say(args, f"ONNX file {sizes_info['file_bytes'] / 2**20:.2f} MiB ({sizes_info['precision']}); weights per "
+                   f"stage (MiB): {per}; learnt state: {state}")
     print(lat.to_markdown())
     if json_out:
         from .modelfile import atomic_write
 
-        doc = benchmark_json(lat, f"{det.name}-{getattr(det, 'backbone', '')}".rstrip("-"),
-                             {"model": str(args.model), "fit_seconds": det.fit_seconds_, "n_train": det.n_train_})
+        name = getattr(det, "source_", det.name) + ("-int8" if getattr(det, "precision_", "") == "int8" else "")
+        doc = benchmark_json(lat, f"{name}-{getattr(det, 'backbone', '')}".rstrip("-"),
+                             {"model": str(args.model), "fit_seconds": det.fit_seconds_, "n_train": det.n_train_,
+                              **({"sizes": sizes_info} if sizes_info else {})})
         atomic_write(json_out, json.dumps(doc, indent=1).encode())
         _say(args, f"wrote {json_out} (pytest-benchmark format: pytest-benchmark compare {json_out})")
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from .export import export
+
+    fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
+    if fmt != "onnx" or Path(args.out).suffix.lower() != ".onnx":
+        raise ValueError(f"--out: the ONNX format writes a .onnx file, got {args.out!r}")
+    out = _output_file(args.out, "--out")
+    det = _load_model(args.model, args.weights)
+    t0 = time.perf_counter()
+    export(det, out)
+    _say(args, f"exported {det!r} in {time.perf_counter() - t0:.1f} s; wrote {out} (thresholds and preprocessing in "
+               "its metadata; run it with pyad predict/evaluate/bench or pyad.load)")
+    return EXIT_OK
+
+
+def _quantize(args) -> int:
+    out = _output_file(args.out, "--out")
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out: an int8 model is written as ONNX; expected a .onnx file, got {args.out!r}")
+    det = _load_model(args.model, args.weights)
+    calibration = _expand([args.calibration], "--calibration")
+    exclude = tuple(x.strip() for x in (args.exclude or "").split(",") if x.strip())
+    _say(args, f"quantising {det!r} to int8, calibrated on {min(len(calibration), args.max_images)} of "
+               f"{len(calibration)} images ({args.method})")
+    t0 = time.perf_counter()
+    q = det.quantize(calibration, method=args.method, max_images=args.max_images, exclude=exclude)
+    q.save(out)
+    info = q.quantization_
+    left = "; ".join(f"{stage}: {', '.join(ops)}" for stage, ops in info["float"].items()) or "nothing"
+    _say(args, f"quantised in {time.perf_counter() - t0:.1f} s: {info['quantized_nodes']} nodes int8; float32 "
+               f"ops per stage: {left}", f"wrote {out}")
     return EXIT_OK
 
 
@@ -567,6 +609,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed the frozen backbone's weights in the model file (it then needs no other file)")
     _ray_option(p, "shard the feature extraction (patchcore, padim)")
     _detector_options(p)
+
+    p = cmd("export", _export, "export a saved model to ONNX (thresholds and preprocessing in its metadata)")
+    p.add_argument("model", help="a model file written by pyad fit or Detector.save")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.onnx")
+    p.add_argument("--format", choices=("onnx",), help="export format (default: from the --out suffix)")
+    p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint, if it moved (see predict --weights)")
+
+    p = cmd("quantize", _quantize, "static int8 quantisation (ONNX Runtime QDQ, per-channel weights) of a saved "
+                                   "model, calibrated on normal training images")
+    p.add_argument("model", help="a model file (.pyad, or a float32 .onnx export)")
+    p.add_argument("--calibration", required=True, metavar="DIR",
+                   help="normal (defect-free) training images, e.g. bottle/train/good; never test images")
+    p.add_argument("--out", required=True, metavar="FILE", help="the int8 ONNX file to write, e.g. model-int8.onnx")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--max-images", type=int, default=300, metavar="N", help="calibration images used, a seeded "
+                                                                            "sample (default 300)")
+    p.add_argument("--exclude", metavar="SCOPE,...", help="module paths kept in float32 besides the defaults, "
+                                                          "e.g. embed.net.body.layer1")
+    p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint, if it moved (see predict --weights)")
 
     p = cmd("predict", _predict, "score images with a saved model; write scores, heat-map overlays and masks")
     p.add_argument("model", help="a model file written by pyad fit or Detector.save")

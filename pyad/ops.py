@@ -1,11 +1,14 @@
 """Torch modules for the one inference path.
 
 Each op runs pyad's fast CPU implementation (the compiled kernels, or faiss for
-the nearest-neighbour search) in eager mode on the CPU, and a pure-torch twin
-everywhere else: on CUDA, under ``torch.export`` / ``torch.compile`` / ONNX
-export, and inside ``portable()``. The twins define the same function (tested
-equal), so ``predict``, evaluation, the CLI and exported models compute the
-same scores whichever runs.
+the nearest-neighbour search) in eager mode on the CPU, the kernels' torch-CUDA
+implementations (``pyad.kernels._torch``) in eager mode on CUDA, and a pure-torch
+twin everywhere else: under ``torch.export`` / ``torch.compile`` / ONNX export,
+and inside ``portable()``. The twins define the same function (tested equal), so
+``predict``, evaluation, the CLI and exported models compute the same scores
+whichever runs. Distances (nearest neighbours, Mahalanobis) and the map blur run
+in float32 even under CUDA autocast (``precision="float16"``): squared distances
+lose most of their digits in half precision (‖q‖² − 2q·b + ‖b‖² cancels).
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ def fast_path(x: torch.Tensor) -> bool:
             and not torch.jit.is_tracing())
 
 
+def cuda_path(x: torch.Tensor) -> bool:
+    """True when the kernels' torch-CUDA implementations may run: eager mode, a CUDA
+    tensor, not ``portable()``."""
+    return (x.device.type == "cuda" and not _PORTABLE.get() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
+
+
+def full_precision(x: torch.Tensor):
+    """A context that turns CUDA autocast off (a no-op for CPU tensors)."""
+    if x.device.type == "cuda":
+        return torch.autocast(device_type="cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
 # -- channel pooling and the PatchCore embedding ----------------------------------------------------------
 def _adaptive_windows(length: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``adaptive_avg_pool1d`` as a gather: bin i averages x[floor(i·L/out) : ceil((i+1)·L/out)].
@@ -59,7 +76,7 @@ def channel_pool(x: torch.Tensor, out_dim: int) -> torch.Tensor:
     on the CPU fast path, an exportable gather-and-weight twin elsewhere."""
     if x.shape[-1] == out_dim:
         return x
-    if fast_path(x):
+    if fast_path(x) or cuda_path(x):
         from . import kernels as K
 
         return K.channel_pool(x.contiguous(), out_dim)
@@ -82,7 +99,7 @@ class PatchEmbed(nn.Module):
         k, s, p = self.kernel, self.stride, self.padding
         c = fmap.shape[1]
         dim = self.out_dim or (c * k * k if self.mode == "unfold" else c * (2 if self.mode == "avgmax" else 1))
-        if fast_path(fmap):
+        if fast_path(fmap) or cuda_path(fmap):
             from . import kernels as K
 
             if self.out_dim is None and self.mode != "unfold":
@@ -149,8 +166,13 @@ class NearestNeighbours(nn.Module):
 
 
 def knn(q: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k-NN in torch: ‖q‖² − 2q·b + ‖b‖² per bank chunk, the k smallest kept."""
-    q = q.float()
+    """Exact k-NN in torch: ‖q‖² − 2q·b + ‖b‖² per bank chunk, the k smallest kept
+    (float32, also under CUDA autocast)."""
+    with full_precision(q):
+        return _knn(q.float(), bank, k, chunk)
+
+
+def _knn(q: torch.Tensor, bank: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     qq = (q * q).sum(1, keepdim=True)
     best_d, best_i = None, None
     for start in range(0, bank.shape[0], chunk):
@@ -186,16 +208,37 @@ class Mahalanobis(nn.Module):
         rows, cols = np.tril_indices(d)
         self.register_buffer("_flat", torch.from_numpy(rows * d + cols), persistent=False)
 
+    # the CUDA kernel holds the dense factor [P, d, d] on the device (once); above this
+    # many bytes the twin unpacks chunks per call instead
+    cuda_dense_bytes = 2 << 30
+
     def model(self):
         from . import kernels as K
 
-        return K.GaussianModel(self.mean.numpy(), self.factor.numpy(), self.eps, self.count)
+        return K.GaussianModel(self.mean.cpu().numpy(), self.factor.cpu().numpy(), self.eps, self.count)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_cuda_model", None)  # device caches are rebuilt on use
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast_path(x):
             from . import kernels as K
 
             return K.mahalanobis(x.contiguous(), self.model())
+        with full_precision(x):
+            p, d = self.mean.shape
+            if cuda_path(x) and p * d * d * 4 <= self.cuda_dense_bytes:
+                from . import kernels as K
+
+                model = self.__dict__.get("_cuda_model")
+                if model is None:  # one host model; the kernel caches its device factor in it
+                    model = self.__dict__["_cuda_model"] = self.model()
+                return K.mahalanobis(x.contiguous(), model)
+            return self._twin(x.float())
+
+    def _twin(self, x: torch.Tensor) -> torch.Tensor:
         p, d = self.mean.shape
         step = max(1, self.chunk_bytes // (4 * d * d))
         out = []
@@ -230,6 +273,11 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     as the official PatchCore and PaDiM code smooth anomaly maps. [B, H, W]."""
     if sigma <= 0:
         return maps
+    with full_precision(maps):
+        return _blur(maps.float(), sigma)
+
+
+def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     k = gaussian_kernel(sigma).to(maps.device, maps.dtype)
     r = (len(k) - 1) // 2
     out = maps[:, None]

@@ -126,7 +126,7 @@ class Detector:
     groups: ClassVar[tuple] = (Preprocessing, Runtime, Thresholds)
     defaults: ClassVar[dict] = {}  # this detector's defaults for group parameters
     # parameters that may change on a fitted detector (they do not touch learned state)
-    runtime_params: ClassVar[frozenset] = frozenset({"device", "batch_size"})
+    runtime_params: ClassVar[frozenset] = frozenset({"device", "batch_size", "precision"})
     _signature: ClassVar[inspect.Signature]
 
     def __init_subclass__(cls, **kwargs):
@@ -411,7 +411,7 @@ class Detector:
                 x = pre.to_tensor([b.pixels for b in good]).to(self.device)
                 if clock:
                     clock.lap("preprocess")
-                with torch.inference_mode(), _timing(clock):
+                with torch.inference_mode(), _timing(clock), _autocast(self):
                     scores, low = module(x)
                 scores = scores.float().cpu().numpy()
                 low = low.float().cpu().numpy() if maps != "none" else None
@@ -449,6 +449,21 @@ class Detector:
         if include_weights:
             state = {**state, "_backbone_weights": self._backbone_state()}
         modelfile.write_tree(path, meta, state)
+
+    # -- deployment (pyad.export) ---------------------------------------------------------------------------
+    def export(self, path) -> "os.PathLike":
+        """Export the inference module; the format comes from the suffix (``.onnx``:
+        ONNX with thresholds and preprocessing in its metadata, ``pyad.export``)."""
+        from .. import export
+
+        return export.export(self, path)
+
+    def quantize(self, calibration_images, **options) -> "Detector":
+        """Static int8 post-training quantisation calibrated on ``calibration_images``
+        (normal training images): an ONNX Runtime detector (``pyad.export.quantize``)."""
+        from .. import export
+
+        return export.quantize(self, calibration_images, **options)
 
     @classmethod
     def _from_file(cls, meta: dict, state: dict, weights=None) -> "Detector":
@@ -542,6 +557,20 @@ class _Clock:
 _CLOCK = threading.local()
 
 
+def _autocast(det: Detector):
+    """CUDA autocast for ``precision="float16"`` / ``"bfloat16"`` (ops keep distances
+    and maps in float32); nothing otherwise."""
+    import contextlib
+
+    precision = getattr(det, "precision", "float32")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    from .settings import check_precision
+
+    check_precision(precision, det.device)
+    return torch.autocast(device_type="cuda", dtype=torch.float16 if precision == "float16" else torch.bfloat16)
+
+
 class _timing:
     """Makes ``stage(name)`` calls inside an inference module lap ``clock``."""
 
@@ -569,10 +598,19 @@ def clone(detector: Detector, **changes) -> Detector:
     return type(detector)(**{**detector.get_params(), **changes})
 
 
-def load(path, *, weights=None) -> Detector:
+def load(path, *, weights=None, provider: str | None = None) -> Detector:
     """A detector saved with ``save``; checks format, checksum, version and that the
     backbone weights it needs are found (``weights``: a checkpoint path to use
-    instead of the recorded one)."""
+    instead of the recorded one). A ``.onnx`` file (``det.export``) loads as a
+    ``pyad.export.OnnxDetector`` run by ONNX Runtime (``provider``: "cpu", "cuda")."""
+    if str(path).lower().endswith(".onnx"):
+        from .. import export
+
+        if weights is not None:
+            raise ValueError("weights: an ONNX model holds its weights; pass no weights")
+        return export.load(path, provider=provider or "cpu")
+    if provider is not None:
+        raise ValueError(f"provider: applies to .onnx models only, not {path}")
     meta, state = modelfile.read_tree(path)
     _check_version(meta, path)
     name = meta.get("detector")

@@ -108,7 +108,7 @@ class FrozenFeatureDetector(Detector):
         for batch in imgs.load_batches(everything, self.batch_size, pre):
             x = pre.to_tensor([b.pixels for b in batch]).to(self.device)
             with torch.inference_mode():
-                emb = embed(x)
+                emb = _cpu(embed(x))  # collected on the host (banks, accumulators are host arrays)
             held = np.array([seen + i >= len(items) for i in range(len(batch))])
             self._collect(emb, held)
             seen += len(batch)
@@ -132,6 +132,11 @@ class FrozenFeatureDetector(Detector):
         """Build the learned state from everything collected; return the validation
         images' scores and maps from a model that did not learn from them."""
         raise NotImplementedError
+
+
+def _cpu(emb):
+    """A tensor or a tuple of tensors on the CPU (no copy for CPU tensors)."""
+    return tuple(_cpu(e) for e in emb) if isinstance(emb, (tuple, list)) else emb.cpu()
 
 
 def validation_from(head: nn.Module, embeddings: list) -> Validation | None:

@@ -89,11 +89,14 @@ class BackboneSettings(Group):
 @dataclass(frozen=True)
 class Runtime(Group):
     """device: "cpu", "cuda" or "cuda:N"; batch_size: images per forward pass;
-    seed: random init, data order and the validation split."""
+    seed: random init, data order and the validation split; precision: inference
+    arithmetic, "float32", or "float16" / "bfloat16" (CUDA autocast; distances and
+    maps stay float32; on the CPU use ``det.quantize`` for int8)."""
 
     device: str = "cpu"
     batch_size: int = 8
     seed: int = 0
+    precision: str = "float32"
 
     def check(self):
         check(isinstance(self.device, str) and (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")),
@@ -106,6 +109,17 @@ class Runtime(Group):
                                  f"(torch {torch.__version__}); use device='cpu'")
         check(_int(self.batch_size, 1), "batch_size", "a positive int", self.batch_size)
         check(_int(self.seed), "seed", "an int", self.seed)
+        check_precision(self.precision, self.device)
+
+
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
+def check_precision(precision, device) -> None:
+    check(precision in PRECISIONS, "precision", f"one of {PRECISIONS}", precision)
+    if precision != "float32" and not str(device).startswith("cuda"):
+        raise ValueError(f"precision: {precision!r} runs on CUDA only (device='cuda'); on the CPU use "
+                         "det.quantize(calibration_images) for int8")
 
 
 @dataclass(frozen=True)

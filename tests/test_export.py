@@ -1,0 +1,272 @@
+"""ONNX export and the ONNX Runtime detector against the torch inference module,
+over the whole registry (CONFIGS of test_detectors: a new detector is covered by its
+one line there), and static int8 quantisation.
+
+Tolerances: ONNX Runtime and torch run the same graph with different kernels
+(GEMM blocking, fused convolutions), so outputs agree to float32 rounding:
+``rtol=1e-4`` and ``atol=1e-5 * max|map|`` on the raw scores and network-resolution
+maps, and the same arg-max patch for every image whose maximum is unique.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+
+import pyad  # noqa: E402
+from pyad import export as E  # noqa: E402
+from pyad.ops import portable  # noqa: E402
+from conftest import noisy_images  # noqa: E402
+from test_detectors import CONFIGS, REGISTRY, fit  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5  # ATOL relative to the largest map value
+# Scores scaled by a fitted range amplify float32 rounding by 1/range: GANomaly
+# min-max scales its latent distance by the normal validation scores, whose range is
+# 2e-6 for the tiny test network (raw distances agree to 7e-7 relative, the scaled
+# scores to 2e-4 of the largest). atol on the scores, relative to the largest score.
+SCORE_ATOL = {"ganomaly": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, test = noisy_images(0, 64, 20, 4, 90, 160, 10)
+    test[2:, 20:40, 20:40] = 255  # a bright defect in the last two
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def pairs(data):
+    """name -> (fitted torch detector, its ONNX export loaded back), built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            det = fit(REGISTRY[name](**CONFIGS[name][0]), data[0])
+            cache[name] = det, E.as_onnx(det)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def pair(request, pairs):
+    return pairs(request.param)
+
+
+def _inputs(det, data):
+    """The 4 test images and 4 training images, preprocessed once: the same tensor
+    goes to torch and to ONNX Runtime."""
+    return det.preprocessing(list(data[1]) + list(data[0][:4]))
+
+
+def _close(got, want, scale):
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * scale)
+
+
+def _close_scores(name, got, want, scale):
+    atol = max(ATOL * scale, SCORE_ATOL.get(name, 0.0) * float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=atol)
+
+
+def test_onnx_runtime_matches_the_torch_module(pair, data):
+    det, onnx_det = pair
+    x = _inputs(det, data)
+    with torch.inference_mode(), portable():
+        want_s, want_m = (t.numpy() for t in det.inference_module()(x))
+    got_s, got_m = (t.numpy() for t in onnx_det.inference_module()(x))
+    scale = max(1.0, float(np.abs(want_m).max()))
+    assert got_s.shape == (8,) and got_m.shape == want_m.shape == (8, 64, 64)
+    _close_scores(det.name, got_s, want_s, scale)
+    _close(got_m, want_m, scale)
+    for i in range(len(x)):
+        flat = want_m[i].ravel()
+        top = np.sort(flat)[-2:]
+        if top[1] - top[0] > 10 * ATOL * scale:  # a unique maximum
+            assert np.argmax(got_m[i]) == np.argmax(want_m[i]), f"image {i}: arg-max patch differs"
+
+
+def test_onnx_predict_equals_torch_predict(pair, data):
+    """Through predict: the same preprocessing code, map restoring, thresholds and labels."""
+    det, onnx_det = pair
+    tol = CONFIGS[det.name][1]  # the torch fast path (kernels, faiss) vs the twins
+    want = det.predict(data[1])
+    got = onnx_det.predict(data[1])
+    scale = max(1.0, float(np.abs(want.maps).max()))
+    score_atol = max(max(tol, ATOL) * scale, SCORE_ATOL.get(det.name, 0) * float(np.abs(want.scores).max()))
+    np.testing.assert_allclose(got.scores, want.scores, rtol=max(tol, RTOL), atol=score_atol)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=max(tol, RTOL), atol=max(tol, ATOL) * scale)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert got.pixel_threshold == want.pixel_threshold
+    assert onnx_det.threshold_ == det.threshold_ and onnx_det.map_range_ == det.map_range_
+
+
+def test_onnx_batch_invariance(pair, data):
+    """Image i alone equals image i in a batch of 8 (dynamic batch, no batch statistics)."""
+    det, onnx_det = pair
+    x = _inputs(det, data)
+    module = onnx_det.inference_module()
+    s8, m8 = (t.numpy() for t in module(x))
+    scale = max(1.0, float(np.abs(m8).max()))
+    for i in range(len(x)):
+        s1, m1 = (t.numpy() for t in module(x[i : i + 1]))
+        _close_scores(det.name, s1, s8[i : i + 1], scale)
+        _close(m1[0], m8[i], scale)
+
+
+def test_metadata_carries_what_deployment_needs(pair, tmp_path):
+    det, onnx_det = pair
+    path = det.export(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    meta = json.loads(next(p.value for p in model.metadata_props if p.key == "pyad"))
+    assert meta["detector"] == det.name and meta["params"]["image_size"] == det.image_size
+    assert meta["fitted"]["threshold_"] == det.threshold_
+    assert meta["fitted"]["pixel_threshold_"] == det.pixel_threshold_
+    pre = det.preprocessing
+    assert meta["preprocessing"]["mean"] == pytest.approx(pre.mean.flatten().tolist())
+    assert meta["preprocessing"]["std"] == pytest.approx(pre.std.flatten().tolist())
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["scores", "maps"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert model.opset_import[0].version >= 18
+    assert all(any(p.key == "pyad.stage" for p in n.metadata_props) for n in model.graph.node)
+    back = pyad.load(path)
+    assert isinstance(back, E.OnnxDetector) and back.source_ == det.name
+    assert back.get_params()["image_size"] == det.image_size and back.crop_size == det.crop_size
+    assert back.threshold_ == det.threshold_ and back.stages_ == onnx_det.stages_
+
+
+def test_save_load_and_stage_times(pairs, data, tmp_path):
+    det, onnx_det = pairs("patchcore")
+    onnx_det.save(tmp_path / "m.onnx")
+    back = pyad.load(tmp_path / "m.onnx")
+    want = onnx_det.predict(data[1])
+    got = back.predict(data[1])
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.maps, want.maps)
+    st = {}
+    staged = back.predict(data[1], stage_times=st)  # one session per stage
+    assert list(k for k in st if k not in ("read", "preprocess")) == ["backbone", "embedding", "search", "map"]
+    np.testing.assert_allclose(staged.scores, want.scores, rtol=RTOL)
+    fp = back.footprint()
+    assert fp["state"]["memory_bank"] == list(det.memory_bank_.shape)
+    assert fp["weights_bytes_per_stage"]["search"] >= det.memory_bank_.nbytes
+
+
+def test_calibrate_and_save_keep_thresholds(pairs, data, tmp_path):
+    _, onnx_det = pairs("padim")
+    d = pyad.load(onnx_det.export(tmp_path / "a.onnx"))
+    d.calibrate(data[1], [0, 0, 1, 1])
+    d.save(tmp_path / "b.onnx")
+    back = pyad.load(tmp_path / "b.onnx")
+    assert back.threshold_ == d.threshold_ and "F1-optimal" in back.threshold_rule_
+
+
+def test_bad_input(pairs, data, tmp_path):
+    det, onnx_det = pairs("autoencoder")
+    with pytest.raises(ValueError, match="path: .*expected a .onnx file"):
+        det.export(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="not fitted again"):
+        onnx_det.fit(data[0])
+    with pytest.raises(ValueError, match="provider"):
+        pyad.load(onnx_det.export(tmp_path / "m.onnx"), provider="tpu").predict(data[1])
+    with pytest.raises(ValueError, match="provider"):
+        pyad.load(tmp_path / "m.onnx", provider="cuda").predict(data[1]) if "CUDAExecutionProvider" not in \
+            __import__("onnxruntime").get_available_providers() else (_ for _ in ()).throw(ValueError("provider"))
+    with pytest.raises(ValueError, match="weights"):
+        pyad.load(tmp_path / "m.onnx", weights="x.pth")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        pyad.load(tmp_path / "junk.onnx")
+    bare = onnx.load(tmp_path / "m.onnx")
+    del bare.metadata_props[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    with pytest.raises(ValueError, match="without pyad metadata"):
+        pyad.load(tmp_path / "bare.onnx")
+    with pytest.raises(ValueError, match="save"):
+        onnx_det.save(tmp_path / "m.pyad")
+    with pytest.raises(ValueError, match="method"):
+        det.quantize(data[0], method="kl")
+    with pytest.raises(ValueError, match="already int8"):
+        det.quantize(data[0]).quantize(data[0])
+
+
+# -- int8 -------------------------------------------------------------------------------------------------
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_int8_every_detector(pair, data, tmp_path):
+    """Every detector quantises, keeps the stated parts in float, saves and loads as
+    an ONNX model, and still ranks the defect images first (tiny random networks:
+    an accuracy test on real data is in test_int8_bottle / bench/test_bench_int8.py)."""
+    det, onnx_det = pair
+    q = det.quantize(data[0], max_images=16)
+    assert q.precision_ == "int8" and q.quantization_["calibration_images"] == 16
+    assert q.quantization_["quantized_nodes"] > 0
+    model = onnx.load_from_string(q.model_bytes())
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    for scope in E.FLOAT_SCOPES.get(det.name, ()):
+        assert not any(s == scope or s.startswith(scope + ".") for s in q.quantization_["int8_scopes"])
+    want = onnx_det.predict(data[1])
+    got = q.predict(data[1])
+    assert np.isfinite(got.scores).all() and np.isfinite(got.maps).all()
+    assert got.scores[2:].min() > got.scores[:2].max(), (got.scores, want.scores)
+    q.save(tmp_path / "q.onnx")
+    back = pyad.load(tmp_path / "q.onnx")
+    assert back.precision_ == "int8" and back.quantization_ == q.quantization_
+    np.testing.assert_array_equal(back.predict(data[1]).scores, got.scores)
+
+
+def test_int8_calibrates_on_the_given_images_only(pairs, data, monkeypatch):
+    """Calibration reads exactly the images passed (normal training images): a
+    seeded sample of at most max_images, nothing else."""
+    det, _ = pairs("patchcore")
+    seen = []
+    real = E._Reader.get_next
+
+    def spy(self):
+        out = real(self)
+        if out is not None:
+            seen.append(out["images"].copy())
+        return out
+
+    monkeypatch.setattr(E._Reader, "get_next", spy)
+    det.quantize(data[0], max_images=5, seed=1)
+    train = det.preprocessing(list(data[0])).numpy()
+    assert 0 < len(seen) and all(any(np.array_equal(s[0], t) for t in train) for s in seen)
+    assert len({s.tobytes() for s in seen}) == 5
+
+
+def test_cli_export_quantize_predict_bench(pairs, data, tmp_path, capsys):
+    from PIL import Image
+
+    from pyad.cli import main
+
+    det, _ = pairs("patchcore")
+    det.save(tmp_path / "m.pyad")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, a in enumerate(data[0][:6]):
+        Image.fromarray(a).save(good / f"{i}.png")
+    assert main(["export", str(tmp_path / "m.pyad"), "--out", str(tmp_path / "m.onnx"), "-q"]) == 0
+    assert main(["quantize", str(tmp_path / "m.pyad"), "--calibration", str(good), "--out",
+                 str(tmp_path / "q.onnx"), "--max-images", "4", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.onnx"), str(good)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    scores = np.array([float(line.split()[0]) for line in lines])
+    np.testing.assert_allclose(scores, det.predict(sorted(good.iterdir())).scores, rtol=1e-4)
+    assert main(["bench", str(tmp_path / "q.onnx"), str(good), "--max-images", "1", "--runs", "1", "--warmup", "0",
+                 "--batch-sizes", "1", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX file" in out and "int8" in out and "memory_bank" in out and "| backbone |" in out
+    assert main(["export", str(tmp_path / "m.pyad"), "--out", str(tmp_path / "m.pt")]) == 2

@@ -19,8 +19,8 @@ from . import kernels
 
 _LAZY = {"AST", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "DefectClassifier", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
-_MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops", "distill"}
-_FUNCTIONS = {"distill_teacher": "distill"}  # name -> module holding it
+_MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops", "distill", "export"}
+_FUNCTIONS = {"distill_teacher": "distill", "OnnxDetector": "export"}  # name -> module holding it
 
 
 def __getattr__(name):

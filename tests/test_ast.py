@@ -19,6 +19,15 @@ TINY = dict(backbone="resnet18", weights=None, layers=("layer2",), image_size=64
             student_hidden=8, student_blocks=1, pos_enc_dim=8, max_epochs=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks: one thread avoids synchronisation costs (3.5x faster on a busy 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def images():
     train, test = noisy_images(3, 64, 14, 4, 90, 160, 10)

@@ -27,6 +27,8 @@ CONFIGS = {  # name -> (parameters, atol of the exported (portable) path vs pred
                        **FROZEN), 1e-4),
     "ast": (dict(backbone="resnet18", layers=("layer2",), teacher_hidden=16, student_hidden=16, student_blocks=1,
                  pos_enc_dim=8, max_epochs=3, **FROZEN), 1e-5),
+    "uninformed_students": (dict(teachers="random", patch_sizes=(17, 33), n_students=2, width=4, dim=8, max_epochs=2,
+                                 **SMALL), 1e-5),
     "vae": (dict(max_epochs=2, latent_dim=16, widths=(8, 16, 16, 16), **SMALL), 1e-5),
     "classifier": (dict(backbone="resnet18", weights=None, unfreeze="all", augment=False, max_epochs=4, lr=1e-3,
                         **SMALL), 1e-5),

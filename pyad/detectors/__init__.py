@@ -11,6 +11,7 @@ from .padim import PaDiM
 from .patchcore import PatchCore
 from .simplenet import SimpleNet
 from .spade import SPADE
+from .uninformed_students import UninformedStudents
 from .vae import VAE
 
-__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "EfficientAD", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "VAE", "clone", "load"]
+__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "EfficientAD", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "UninformedStudents", "VAE", "clone", "load"]

@@ -52,6 +52,7 @@ Reusable pieces for other detectors (the EfficientAD-AST hybrid):
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -373,7 +374,10 @@ class AST(TrainedDetector, FrozenFeatureDetector):
 
     def _train(self, nets, train, val, *, labels=None, checkpoint=None):
         teacher, student = nets["teacher"], nets["student"]
+        clock = time.perf_counter()
         feats, val_feats = self.extract(train), self.extract(val)
+        seconds = {"extract": time.perf_counter() - clock, "teacher": 0.0, "student": 0.0}
+        counted = {"teacher": 0, "student": 0}
         pe = self._pe().to(self.device)
         batches = training.Batches(len(feats), self.batch_size, self.seed, drop_last=True)  # utils.py l.188-193
         epochs_s = self.max_epochs if self.max_epochs is not None else -(-self.max_steps // len(batches))
@@ -385,6 +389,7 @@ class AST(TrainedDetector, FrozenFeatureDetector):
                            checkpoint=checkpoint, device=self.device, amp=self.amp, settings=self.run_settings())
         targets = None
         for epoch in run.epochs():
+            clock = time.perf_counter()
             phase = "teacher" if epoch < epochs_t else "student"
             first = epoch if phase == "teacher" else epoch - epochs_t
             order = batches.epoch(epoch)
@@ -416,10 +421,17 @@ class AST(TrainedDetector, FrozenFeatureDetector):
                     run.log(st=loss)
                 if len(val_feats):
                     run.log(val_st=self._val_st(student, val_feats, val_targets, pe))
+            seconds[phase] += time.perf_counter() - clock
+            counted[phase] += 1
         run.finish()
         teacher.eval()
         student.eval()
         self.history_ = run.history
+        # wall time of this fit's epochs (a resumed fit counts only its own)
+        self.timing_ = {"extract_s": seconds["extract"], "teacher_epochs": counted["teacher"],
+                        "teacher_s_per_epoch": seconds["teacher"] / max(1, counted["teacher"]),
+                        "student_epochs": counted["student"],
+                        "student_s_per_epoch": seconds["student"] / max(1, counted["student"])}
         return None
 
     @torch.no_grad()
@@ -452,7 +464,8 @@ class AST(TrainedDetector, FrozenFeatureDetector):
         return total / len(feats)
 
     def _buffers(self):
-        return {"history": getattr(self, "history_", [])}
+        return {"history": getattr(self, "history_", []), "timing": getattr(self, "timing_", {})}
 
     def _load_buffers(self, state):
         self.history_ = state.get("history", [])
+        self.timing_ = state.get("timing", {})

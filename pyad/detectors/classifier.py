@@ -53,6 +53,12 @@ UNFREEZE = ("fc", "fc+layer3+layer4", "all")
 _FINAL_TAP = {"resnet": "layer4", "mobilenet": "features.18", "efficientnet": "head"}
 
 
+def _family_of(backbone: str) -> str:
+    from ..backbones import _family
+
+    return _family(backbone)
+
+
 def trainable_group(family: str, backbone: str, name: str) -> str:
     """"early", "layer3" or "layer4": the stage a backbone parameter or module
     (name relative to the ``Backbone``) belongs to. layer3 / layer4 are the
@@ -349,9 +355,7 @@ class DefectClassifier(TrainedDetector):
 
     # -- networks -----------------------------------------------------------------------------------
     def _family(self) -> str:
-        from ..backbones import _family
-
-        return _family(self.backbone)
+        return _family_of(self.backbone)
 
     def _networks(self):
         from ..backbones import Backbone

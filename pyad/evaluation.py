@@ -60,6 +60,7 @@ class Result:
     fit_s: float | None = None
     predict_ms: float | None = None  # wall time of predict over the test set, per image
     images: list[dict] = field(default_factory=list, repr=False)  # path, defect, label, score, predicted
+    extra: dict = field(default_factory=dict)  # a detector's own metrics (evaluation_extras), e.g. classification
 
 
 @dataclass
@@ -218,6 +219,9 @@ def _evaluate_one(det, ds: Dataset, out: Path | None, pictures: bool, per_defect
          "predicted": None if pred.labels is None else bool(p)}
         for s, v, p in zip(test, pred.scores, pred.labels if pred.labels is not None else [None] * len(test))
     ]
+    extras = getattr(det, "evaluation_extras", None)  # e.g. the classifier: accuracy, confusion matrix
+    if extras is not None:
+        main.extra = extras(ds, pred, out)
     out_results = [main]
     kinds = sorted({s.kind for s in test if s.kind})
     for kind in kinds:  # MVTec LOCO: good images + one kind of anomaly

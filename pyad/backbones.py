@@ -25,6 +25,7 @@ URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
     "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
     "wide_resnet101_2": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
     "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
@@ -83,6 +84,7 @@ RESNETS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
     "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
     "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 64),
     "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
     "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128),
 }

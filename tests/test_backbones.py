@@ -14,6 +14,7 @@ PARAMS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
     "wide_resnet50_2": 68_883_240,
     "wide_resnet101_2": 126_886_696,
     "mobilenet_v2": 3_504_872,

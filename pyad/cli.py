@@ -553,9 +553,41 @@ def _kernels(args) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------
+# per-method defaults of the distill-teacher options left unset (EfficientAD: nelson1425/EfficientAD
+# pretraining.py; Uninformed Students: ImageNet ResNet-18 layer4 pooled, LuyaooChen's 2 epochs of batch 64)
+_DISTILL_DEFAULTS = {
+    "efficientad": dict(backbone="wide_resnet101_2", layers="layer2,layer3", steps=60_000, batch_size=16, lr=1e-4),
+    "uninformed_students": dict(backbone="resnet18", layers="layer4", steps=40_000, batch_size=64, lr=2e-4),
+}
+
+
+def _distill_patch_teacher(args) -> int:
+    from .detectors.uninformed_students import distill_patch_teacher
+
+    out = _output_file(args.out, "--out")
+    checkpoint = _output_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
+    weights = None if args.weights.lower() == "none" else args.weights
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    if len(layers) != 1:
+        raise ValueError(f"--layers: Uninformed Students distils one pooled layer, got {args.layers!r}")
+    _say(args, f"distilling an Uninformed Students p={args.patch_size} teacher from {args.backbone} ({args.weights}) "
+               f"over {args.images}: {args.steps} steps of {args.batch_size} patches")
+    rec = distill_patch_teacher(args.images, out, patch_size=args.patch_size, backbone=args.backbone, weights=weights,
+                                layer=layers[0], width=args.width, dim=args.dim, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                                checkpoint=checkpoint)
+    _say(args, f"distilled in {rec['seconds']:.1f} s, final losses {rec['final_loss']}", f"wrote {out}")
+    return EXIT_OK
+
+
 def _distill_teacher(args) -> int:
     from .distill import distill_teacher
 
+    for key, value in _DISTILL_DEFAULTS[args.method].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.method == "uninformed_students":
+        return _distill_patch_teacher(args)
     out = _output_file(args.out, "--out")
     checkpoint = _output_file(args.checkpoint, "--checkpoint") if args.checkpoint else None
     weights = None if args.weights.lower() == "none" else args.weights
@@ -671,20 +703,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(compare runs with: pytest-benchmark compare A.json B.json)")
 
     p = cmd("distill-teacher", _distill_teacher, "distil an EfficientAD teacher (PDN) from an ImageNet backbone over a "
-                                                 "folder of natural images (nelson1425/EfficientAD pretraining.py)")
+                                                 "folder of natural images (nelson1425/EfficientAD pretraining.py), or "
+                                                 "with --method uninformed_students an Uninformed Students patch teacher")
+    p.add_argument("--method", choices=tuple(_DISTILL_DEFAULTS), default="efficientad",
+                   help="whose teacher (default efficientad)")
+    p.add_argument("--patch-size", type=int, choices=(17, 33, 65), default=33,
+                   help="uninformed_students: the receptive field (default 33)")
+    p.add_argument("--width", type=int, default=128, help="uninformed_students: channels (default 128; 2x in the "
+                                                          "wider layers)")
+    p.add_argument("--dim", type=int, default=128, help="uninformed_students: descriptor size (default 128)")
     p.add_argument("images", help="folder of natural images, searched recursively (the reference: ImageNet train)")
     p.add_argument("--out", required=True, metavar="FILE", help="teacher state_dict to write, e.g. teacher_small.pth "
                                                                "(a JSON record of how it was made goes next to it)")
     p.add_argument("--model-size", choices=("s", "m"), default="s", help="EfficientAD-S or -M (default s)")
-    p.add_argument("--backbone", default="wide_resnet101_2", metavar="NAME",
-                   help="feature extractor (default wide_resnet101_2, as the reference; offline e.g. efficientnet_lite0)")
+    p.add_argument("--backbone", default=None, metavar="NAME",  # default per --method: _DISTILL_DEFAULTS
+                   help="feature extractor (default wide_resnet101_2, as the reference; offline e.g. efficientnet_lite0; "
+                        "uninformed_students: resnet18, as the paper)")
     p.add_argument("--weights", default="imagenet", metavar="W", help="'imagenet', a checkpoint path, or 'none'")
-    p.add_argument("--layers", default="layer2,layer3", metavar="L1,L2", help="stride-8 and stride-16 taps "
-                                                                             "(default layer2,layer3)")
+    p.add_argument("--layers", default=None, metavar="L1,L2", help="stride-8 and stride-16 taps (default layer2,layer3; "
+                                                                   "uninformed_students: one pooled layer, layer4)")
     p.add_argument("--image-size", type=int, default=256, metavar="N", help="PDN input; the backbone sees 2N (default 256)")
-    p.add_argument("--steps", type=int, default=60_000, metavar="N", help="training steps (default 60000)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per step (default 16)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="training steps (default 60000; uninformed_students 40000)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per step (default 16; uninformed_students: 64 patches)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4; uninformed_students 2e-4)")
     p.add_argument("--norm-images", type=int, default=10_000, metavar="N",
                    help="images for the target's channel mean/std (default 10000)")
     p.add_argument("--seed", type=int, default=0, metavar="N")

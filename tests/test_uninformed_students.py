@@ -228,6 +228,25 @@ def test_distilled_teacher_file_round_trip_and_use(images, tmp_path):
                                    "teachers": (str(tmp_path / "t17.pyad"),)}).fit(images[0])
 
 
+def test_distill_teacher_command(tmp_path):
+    from PIL import Image
+
+    from pyad.cli import main
+
+    folder = tmp_path / "natural"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "t33.pyad"
+    argv = ["distill-teacher", str(folder), "--out", str(out), "--method", "uninformed_students", "--patch-size", "33",
+            "--weights", "none", "--width", "4", "--dim", "8", "--steps", "2", "--batch-size", "4", "--quiet"]
+    assert main(argv) == 0
+    net, meta = U.load_patch_teacher(out)
+    assert (meta["patch_size"], meta["backbone"], meta["layer"], meta["steps"], meta["lr"]) == (33, "resnet18", "layer4",
+                                                                                                2, 2e-4)
+    assert main(argv[:-1] + ["--layers", "layer3,layer4", "--quiet"]) == 2  # one pooled layer
+
+
 def test_bad_parameters_name_the_argument(images):
     for kw, name in ((dict(teachers=None), "teachers"), (dict(teachers=("a.pyad",)), "teachers"),
                      (dict(teachers=("missing1", "missing2")), "teachers"), (dict(patch_sizes=(17, 30)), "patch_sizes"),

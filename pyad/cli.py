@@ -197,7 +197,10 @@ def _fit(args) -> int:
     root = Path(args.data)
     if not root.exists():
         raise ValueError(f"--data: {root} does not exist")
-    if (root / "train").is_dir() or args.category:
+    if getattr(det, "supervised", False):  # labelled images: an MVTec category's test/<class>/, or <class>/ folders
+        root = root / args.category if args.category else root
+        train, what = root, f"the labelled images under {root}"
+    elif (root / "train").is_dir() or args.category:
         train = D.load(root, args.category)
         what = f"{train.name}: {len(train.train)} training images"
     elif root.is_dir() and any((p / "train").is_dir() for p in root.iterdir() if p.is_dir()):

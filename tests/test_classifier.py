@@ -241,6 +241,11 @@ def test_split_of_an_mvtec_layout_holds_out_test_images(tmp_path):
     assert len(folder) == 18 and set(folder.labels) == {"good", "spot", "bar"}
     det = pyad.DefectClassifier(**{**TINY, "max_epochs": 1}).fit(root)  # fit on the folder itself
     assert det.classes_ == ["bar", "good", "spot"] and det.n_train_ == 18
+    from pyad.cli import main  # the CLI's fit passes the labelled folder as it is
+
+    assert main(["fit", "--model", "classifier", "--data", str(root), "--out", str(tmp_path / "c.pyad"), "--backbone",
+                 "resnet18", "--weights", "none", "--image-size", "32", "--set", "max_epochs=1", "--quiet"]) == 0
+    assert pyad.load(tmp_path / "c.pyad").classes_ == ["bar", "good", "spot"]
 
 
 def test_labels_are_checked(small):

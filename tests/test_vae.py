@@ -51,7 +51,7 @@ def test_network_shapes_at_256_px():
     convts = [m for m in net.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [m.out_channels for m in convts] == [64, 64, 32, 1] and isinstance(net.decoder[-1], torch.nn.Sigmoid)
     bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert (bn.eps, bn.momentum) == (1e-3, 0.01)  # Keras's BatchNormalization defaults
+    assert (bn.eps, bn.momentum) == (1e-3, 0.1)  # Keras's epsilon, PyTorch's momentum (module doc)
 
 
 def test_forward_shapes():

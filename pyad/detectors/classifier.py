@@ -219,6 +219,7 @@ class DefectClassifier(TrainedDetector):
     """
 
     defaults = dict(image_size=224, batch_size=8, max_epochs=100, lr=1e-4, early_stopping_patience=10)
+    supervised = True  # fit needs labels (the CLI's fit passes a labelled folder as it is)
 
     def __init__(self, *, backbone="resnet50", weights="imagenet", unfreeze="fc+layer3+layer4", augment=True,
                  loss="ce", focal_gamma=2.0, focal_alpha=0.25, class_weight=None, weight_decay=0.01,

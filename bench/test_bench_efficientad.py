@@ -17,7 +17,8 @@ penalty images from /work/shared/data/imagenet_samples for both):
 - per-stage latency (teacher / student / autoencoder / map) by ``pyad.latency``.
 
 Targets (2-core machine): pyad >= 1.5x anomalib's training steps/s and >= 1.5x lower
-predict latency (stretch 2x). Steps: PYAD_BENCH_EAD_STEPS (default 12 for S, 6 for M).
+predict latency (stretch 2x). Steps: PYAD_BENCH_EAD_STEPS (default 12 for S, 6 for M);
+model sizes: PYAD_BENCH_EAD_SIZES (default "s,m").
 Skipped without the anomalib venv (PYAD_ANOMALIB_PYTHON or /work/anomalib-venv)."""
 
 import json
@@ -39,7 +40,8 @@ DATA = HERE.parents[1] / "shared" / "data"
 BOTTLE = DATA / "mvtec_ad" / "bottle"
 PENALTY = DATA / "imagenet_samples"
 ANOMALIB_PY = os.environ.get("PYAD_ANOMALIB_PYTHON", "/work/anomalib-venv/bin/python")
-SIZES = {"s": "small", "m": "medium"}
+SIZES = {k: v for k, v in {"s": "small", "m": "medium"}.items()
+         if k in os.environ.get("PYAD_BENCH_EAD_SIZES", "s,m").split(",")}
 STEPS = {"s": 12, "m": 6}
 pytestmark = pytest.mark.skipif(not BOTTLE.is_dir(), reason="MVTec AD bottle not present")
 
@@ -156,6 +158,25 @@ def test_stage_latency(imported, size):
     ds = pyad.datasets.mvtec_ad(BOTTLE.parent, "bottle")
     lat = pyad.latency(det, ds, batch_sizes=(1,), max_images=3)
     RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}", {})["stage_ms"] = lat.stage_ms()
+
+
+PAPER_MS = {"s": 2.2, "m": 4.5}  # batch 1, fp16, RTX A6000 (paper; nelson1425 benchmark.py: M 4.4 ms)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("size", list(SIZES))
+def test_cuda_fp16_latency(size):
+    """Batch 1, fp16, 256 px, random weights (latency does not depend on them):
+    ``pyad.latency`` per image (predict: host -> GPU, the module, maps back, as
+    benchmark.py times it, plus pyad's resize of the map to the image) next to the paper."""
+    x = np.random.default_rng(0).integers(0, 255, (4, 256, 256, 3), dtype=np.uint8)
+    det = pyad.EfficientAD(model_size=size, teacher="random", image_size=256, max_steps=0, device="cuda",
+                           precision="float16").fit(x)
+    lat = pyad.latency(det, list(x), warmup=50, runs=200, batch_sizes=(1,), max_images=4)
+    RESULTS.setdefault("efficientad", {})[f"cuda-fp16-{size}"] = {
+        "gpu": torch.cuda.get_device_name(), "ms_per_image": lat.mean_ms,
+        "stage_ms": lat.stage_ms(), "paper_ms": PAPER_MS[size]}
+    print(RESULTS["efficientad"][f"cuda-fp16-{size}"])
 
 
 def test_summary():

@@ -417,6 +417,9 @@ class _Session:
         return self._stages
 
     def run_staged(self, x: np.ndarray, clock) -> tuple[np.ndarray, np.ndarray]:
+        if self._stages is None:
+            self.staged()
+            clock.t = time.perf_counter()  # building the stage sessions is not a stage
         values = {INPUT: x}
         for name, sess in self.staged():
             feeds = {i.name: values[i.name] for i in sess.get_inputs()}
@@ -525,10 +528,6 @@ class OnnxDetector(Detector):
             raise ValueError(f"provider: 'cuda' was asked for but this onnxruntime has no CUDA provider (it has "
                              f"{', '.join(have)}); install onnxruntime-gpu, or use provider='cpu'")
         return self.provider
-
-    def set_params(self, **params):
-        super().set_params(**params)
-        return self
 
     def model_bytes(self) -> bytes:
         """The ONNX file as saved now (metadata with the current thresholds)."""
@@ -771,7 +770,7 @@ def quantize(det: Detector, calibration_images, *, method: str = "minmax", max_i
         "weights": "int8, per channel" if per_channel else "int8, per tensor", "activations": "uint8, per tensor",
         "calibration": method, "calibration_images": len(items), "seconds": round(seconds, 2),
         "quantized_nodes": len(nodes), "int8_scopes": parts["int8"], "float_layers": parts["float_layers"],
-        "float": _float_ops(q, set(nodes)),
+        "float": _float_ops(q, set(nodes)), "backends": quantization_backends(),
     }
     _set_meta(q, meta)
     return OnnxDetector.from_bytes(q.SerializeToString(), where=f"{meta['detector']} int8", provider=src.provider,
@@ -792,6 +791,27 @@ def _carry_metadata(src, dst) -> None:
         if p.key == META_KEY and not any(q.key == META_KEY for q in dst.metadata_props):
             e = dst.metadata_props.add()
             e.key, e.value = p.key, p.value
+
+
+def quantization_backends() -> dict:
+    """What this installation offers for int8 (feature-detected, nothing imported that
+    warns): ONNX Runtime (pyad's path), torchao's PT2E quantisation, and the deprecated
+    ``torch.ao.quantization`` (which may be absent from the torch users have)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        legacy = importlib.util.find_spec("torch.ao.quantization") is not None
+    except (ImportError, ValueError):
+        legacy = False
+    return {"onnxruntime": version("onnxruntime") or version("onnxruntime-gpu"), "torchao": version("torchao"),
+            "torch.ao.quantization": legacy, "used": "onnxruntime"}
 
 
 def _ort_version() -> str:

@@ -186,10 +186,13 @@ def _knn(q: torch.Tensor, bank: torch.Tensor, k: int, chunk: int) -> tuple[torch
         i = i + start
         if best_d is None:
             best_d, best_i = v, i
-        else:
-            best_d, order = torch.cat([best_d, v], 1).sort(dim=1, stable=True)
-            best_i = torch.cat([best_i, i], 1).gather(1, order)
-            best_d, best_i = best_d[:, :k], best_i[:, :k]
+        else:  # merge: min / topk, not sort (aten.sort.stable has no ONNX translation)
+            cat_d, cat_i = torch.cat([best_d, v], 1), torch.cat([best_i, i], 1)
+            if k == 1:
+                best_d, order = cat_d.min(1, keepdim=True)  # the first minimum: the earlier chunk on ties
+            else:
+                best_d, order = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
+            best_i = cat_i.gather(1, order)
     return best_d, best_i
 
 

@@ -10,7 +10,7 @@ says what runs where:
 - ``predict(model, images, out=...)``: Ray Data decodes and resizes the images
   in CPU tasks and scores them in an actor pool where each actor loads the model
   file once (CPU or GPU actors); the one inference module of the detector runs,
-  so scores equal ``Detector.predict``. With ``out`` every scored batch is
+  so scores equal ``Detector.predict`` to float rounding. With ``out`` every scored batch is
   written at once, atomically, to ``out/parts/`` (Parquet, keyed by input path)
   with masks / heat maps as PNG named from the path; a retried task or a killed
   worker rewrites the same keys, a re-run skips finished files, and
@@ -320,7 +320,8 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
     images: a folder (searched recursively, as ``Detector.predict``), a list of
         paths, or a Ray Dataset with a ``path`` column (and, optionally, decoded
         arrays in ``image``, as ``ray.data.read_images(..., include_paths=True)``
-        gives; rows then come in the dataset's order).
+        gives): rows then come in the order they finish (``Prediction.paths``
+        says which is which), and a re-run scores them all again.
     out: a folder every node can write (a shared file system): ``parts/`` (the
         journal of scored batches), ``scores.parquet`` (path, score, label; each
         input once, input order), ``skipped.json`` (unreadable files and why),
@@ -335,8 +336,9 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
         into blocks of this size, so each actor call scores the batch
         ``Detector.predict`` would; scores then differ from it by float rounding
         only (the actors' thread count changes the convolutions' blocking).
-    actors: scoring actors (default: one per ``cpus_per_actor`` of the cluster's
-        CPUs, scaled between 1 and that); ``cpus_per_actor`` / ``gpus_per_actor``:
+    actors: scoring actors (default: autoscaled from 1 to as many as the cluster's
+        CPUs hold next to one decoding task; more is refused, since actors holding
+        every CPU would starve the decoding); ``cpus_per_actor`` / ``gpus_per_actor``:
         their declared resources (GPU actors run the module on "cuda");
         ``decode_cpus``: per decoding task.
     bank_shards: PatchCore only: hold the memory bank in this many actors
@@ -391,16 +393,15 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
         todo = [i for i in range(len(paths)) if paths[i] not in done]
 
     started = time.perf_counter()
-    n_total = len(paths) if paths is not None else images.count()
+    n_total = len(paths) if paths is not None else None
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order)
+    saved = ctx.enable_progress_bars
     bar = _progress.bar(total=n_total, desc="pyad.distributed.predict", unit="img", disable=not progress or None)
-    bar.update(n_total - len(todo) if todo is not None else 0)
+    bar.update(len(paths) - len(todo) if todo is not None else 0)
     seen_paths, scored_now = [], 0
     try:
         ctx.enable_progress_bars = False  # pyad's own progress (counts, bad files, throughput) instead
         if dataset_input:
-            ctx.execution_options.preserve_order = True
             ds = images
         elif todo:
             import pyarrow as pa
@@ -412,7 +413,7 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
         else:
             ds = None
         if ds is not None:
-            n_actors = actors or max(1, int(_cluster_cpus(ray) // max(cpus_per_actor, 1)))
+            n_actors = _pool_size(ray, actors, cpus_per_actor, decode_cpus)
             if not dataset_input:
                 n_actors = min(n_actors, len(blocks))  # Ray warns about a pool larger than its inputs
             # decoding stays in CPU tasks of its own (max_retries also keeps Ray Data from fusing it into the
@@ -426,7 +427,7 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
                 num_gpus=gpus_per_actor or None,
                 fn_constructor_kwargs={"model": [ray.put(data)], "maps": maps,
                                        "out": None if out is None else str(out),
-                                       "threads": max(1, int(cpus_per_actor)),
+                                       "threads": max(1, round(cpus_per_actor)),
                                        "device": "cuda" if gpus_per_actor else None, "bank": bank})
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["path"])
@@ -449,7 +450,7 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
                 rate = scored_now / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{len(rows.errors)} unreadable, {rate:.1f} img/s")
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order = saved
+        ctx.enable_progress_bars = saved
         bar.close()
         if bank is not None:
             bank.close()
@@ -464,6 +465,20 @@ def predict(detector_or_model_path, images, *, out=None, maps: str = "none", bat
               f"{len(pred.scores) - scored_now} finished before), {len(pred.skipped)} unreadable, {seconds:.1f} s, "
               f"{scored_now / max(seconds, 1e-9):.1f} img/s", file=sys.stderr, flush=True)
     return pred
+
+
+def _pool_size(ray, actors: int | None, cpus_per_actor: float, decode_cpus: float) -> int:
+    """Scoring actors that leave the decoding tasks a CPU: actors holding every CPU
+    would wait forever for inputs that no decoding task can be scheduled to make."""
+    total = float(ray.cluster_resources().get("CPU", 0))
+    room = int((total - decode_cpus) // cpus_per_actor)
+    if room < 1:
+        raise ValueError(f"cpus_per_actor: {cpus_per_actor} CPUs per actor and {decode_cpus} per decoding task do not "
+                         f"fit the cluster's {total:g} CPUs together")
+    if actors is not None and actors > room:
+        raise ValueError(f"actors: {actors} actors of {cpus_per_actor} CPUs leave no CPU of the cluster's {total:g} for "
+                         f"decoding ({decode_cpus} per task); use at most {room}")
+    return actors or room
 
 
 def _assemble(det, paths: list, rows: _Rows, maps: str, pre):

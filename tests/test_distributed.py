@@ -25,6 +25,7 @@ from PIL import Image
 # Ray replaces 127.0.0.1 in cluster addresses by this machine's outward address
 # unless told it is not clustering across machines: keep every byte on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster: no token file written
 ray = pytest.importorskip("ray")
 
 import pyad  # noqa: E402
@@ -126,6 +127,25 @@ def test_predict_equals_single_process_and_reports_the_corrupt_file(cluster, mod
     for a, b in zip(full.maps, ref.maps):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_predict_a_ray_dataset(cluster, model, files):
+    det, _ = model
+    images = sorted(str(p) for p in files[1].glob("0*.png"))[:6]
+    want = det.predict(images, maps="none")
+    got = D.predict(det, ray.data.from_items([{"path": p} for p in images]), actors=1, cpus_per_actor=0.5,
+                    decode_cpus=0.5, progress=False)
+    order = np.argsort(got.paths)  # rows come as they finish, keyed by path
+    assert [got.paths[i] for i in order] == images
+    np.testing.assert_allclose(got.scores[order], want.scores, rtol=1e-4)
+
+
+def test_predict_leaves_the_decoding_tasks_a_cpu(cluster, model, files):
+    det, _ = model
+    with pytest.raises(ValueError, match="actors: 4 actors of 1 CPUs leave no CPU"):
+        D.predict(det, files[1], actors=4, cpus_per_actor=1, progress=False)
+    with pytest.raises(ValueError, match="cpus_per_actor: 3 CPUs per actor"):
+        D.predict(det, files[1], cpus_per_actor=3, progress=False)
 
 
 def test_predict_refuses_another_models_folder(cluster, model, files, tmp_path):

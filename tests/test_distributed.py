@@ -263,7 +263,7 @@ def test_fit_many_reports_a_failed_line_and_finishes_the_others(cluster, tmp_pat
     assert "no_such_line" in many.to_markdown()
 
 
-def test_cli_predict_and_evaluate_on_ray(cluster, model, files, tmp_path):
+def test_cli_predict_fit_and_evaluate_on_ray(cluster, model, files, tmp_path):
     import json
 
     from pyad.cli import main
@@ -275,6 +275,15 @@ def test_cli_predict_and_evaluate_on_ray(cluster, model, files, tmp_path):
     doc = json.loads((tmp_path / "p" / "scores.json").read_text())
     assert len(doc["images"]) == 40 and [s["path"] for s in doc["skipped"]] == [str(files[1] / "17_corrupt.png")]
     assert (tmp_path / "p" / "scores.parquet").is_file()
+
+    pyad.datasets.synthetic(tmp_path / "data", kinds=("object",), n_train=8, n_good=3, n_defect=2, size=32, seed=4)
+    tiny = ["--model", "padim", "--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--quiet"]
+    assert main(["fit", "--data", str(tmp_path / "data" / "synthetic_object"), "--out", str(tmp_path / "f.pyad"),
+                 "--ray", address, *tiny]) == 0
+    assert pyad.load(tmp_path / "f.pyad").n_train_ == 8
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e"), "--ray", address,
+                 "--no-pictures", *tiny]) == 0
+    assert (tmp_path / "e" / "synthetic_object.pyad").is_file() and (tmp_path / "e" / "results.md").is_file()
 
 
 def _scorer_pids() -> list[int]:

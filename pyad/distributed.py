@@ -726,6 +726,7 @@ def _shard_task(det, weights, items, held, k, threads, device):
 
     import pyad
     from . import images as imgs
+    from .detectors.frozen import _cpu
 
     pyad.set_threads(threads)
     if weights[0] is not None:
@@ -740,7 +741,7 @@ def _shard_task(det, weights, items, held, k, threads, device):
     for batch in imgs.load_batches(items, det.batch_size, pre):
         x = pre.to_tensor([b.pixels for b in batch]).to(det.device)
         with torch.inference_mode():
-            emb = embed(x).cpu()
+            emb = _cpu(embed(x))  # as FrozenFeatureDetector._fit: collected on the host
         det._collect(emb, held[seen : seen + len(batch)])
         seen += len(batch)
     if k is None:  # PaDiM
@@ -754,10 +755,11 @@ def _shard_coreset(det, k_fit: int, k_all: int):
     held-out patches to k_all, as the single-machine selection does on all of
     them; returns the candidates' projected and full features, their held flags
     and the held-out images' embeddings."""
-    from . import kernels as K
-    from .ops import knn
-
     import torch
+
+    from . import kernels as K
+    from .detectors.patchcore import _host
+    from .ops import NearestNeighbours
 
     held = np.concatenate(det._held)
     space = np.concatenate(det._proj) if det._proj else np.concatenate([q.astype(np.float32) for q in det._parts])
@@ -767,9 +769,10 @@ def _shard_coreset(det, k_fit: int, k_all: int):
         init = det._approximate_start(space, fit_rows)
         kf = min(k_fit, len(fit_rows))
         if kf < len(fit_rows):
-            sel, dist = K.greedy_coreset(np.ascontiguousarray(space[fit_rows]), kf, None if init is not None else 0,
+            sel, dist = K.greedy_coreset(det._on_device(space[fit_rows]), kf, None if init is not None else 0,
                                          init_distances=None if init is None else init[fit_rows],
                                          storage=det.coreset_storage, return_distances=True)
+            sel, dist = _host(sel), _host(dist)
             rows = fit_rows[np.asarray(sel)]
         else:
             dist = np.zeros(len(fit_rows), np.float32)
@@ -777,15 +780,17 @@ def _shard_coreset(det, k_fit: int, k_all: int):
         if len(val_rows) and ka > len(rows):
             start = np.full(len(held), 1e30, np.float32) if init is None else init.copy()
             start[fit_rows] = dist
-            nearest, _ = knn(torch.from_numpy(np.ascontiguousarray(space[val_rows])),
-                             torch.from_numpy(np.ascontiguousarray(space[rows])), 1)
-            start[val_rows] = np.minimum(start[val_rows], nearest[:, 0].sqrt().numpy())
+            nearest = NearestNeighbours(torch.from_numpy(np.ascontiguousarray(space[rows])))  # faiss: blocked
+            d2, _ = nearest(torch.from_numpy(np.ascontiguousarray(space[val_rows])))
+            start[val_rows] = np.minimum(start[val_rows], d2[:, 0].clamp_min(0).sqrt().numpy())
             start[rows] = 0.0
-            more = K.greedy_coreset(space, ka - len(rows), None, init_distances=start, storage=det.coreset_storage)
-            rows = np.concatenate([rows, np.asarray(more)])
+            more = K.greedy_coreset(det._on_device(space), ka - len(rows), None, init_distances=start,
+                                    storage=det.coreset_storage)
+            rows = np.concatenate([rows, np.asarray(_host(more))])
     else:  # a shard of held-out images only
         ka = min(k_all, len(held))
-        rows = np.asarray(K.greedy_coreset(space, ka, 0)) if ka < len(held) else np.arange(len(held))
+        rows = np.asarray(_host(K.greedy_coreset(det._on_device(space), ka, 0))) if ka < len(held) else \
+            np.arange(len(held))
     val = torch.cat(det._val_emb).numpy() if det._val_emb else None
     proj = space[rows] if det._proj else None
     return proj, det._gather(rows), held[rows], val

@@ -169,6 +169,17 @@ def test_unfreeze_trains_only_the_chosen_stages(small, unfreeze, trained):
         assert changed == (group == "fc" or group in trained), key  # frozen BN running stats included
 
 
+def test_train_bn_false_keeps_running_statistics(small):
+    x, y = small
+    det = pyad.DefectClassifier(**{**TINY, "unfreeze": "fc+layer3+layer4", "max_epochs": 1, "lr": 1e-3,
+                                   "train_bn": False}).fit(x, labels=y)
+    with training.seeded(det.seed):
+        init = det._networks()["net"].state_dict()
+    after = det.networks_["net"].state_dict()
+    assert all(torch.equal(after[k], init[k]) for k in after if "running_" in k)  # statistics untouched
+    assert not torch.equal(after["backbone.body.layer4.1.bn2.weight"], init["backbone.body.layer4.1.bn2.weight"])
+
+
 def test_frozen_prefix_runs_apart_from_the_rest():
     torch.manual_seed(0)
     net = K.ClassifierNet(Backbone("mobilenet_v2", ("features.18",)), 3).eval()

@@ -215,6 +215,9 @@ class DefectClassifier(TrainedDetector):
     loss: "ce" (cross-entropy) or "focal" (focal_gamma, focal_alpha).
     class_weight: None or "balanced" (w_c = N / (K·n_c), for long-tailed classes).
     weight_decay: AdamW's; warmup_epochs: linear learning-rate warm-up.
+    train_bn: BatchNorm of the unfrozen stages in train mode (batch statistics; the
+        usual fine-tuning) or, False, kept in eval mode with the checkpoint's running
+        statistics (their affine weights still train; a remedy for small batches).
     good_class: the normal class's name (index labels: 0 is good).
     """
 
@@ -223,7 +226,7 @@ class DefectClassifier(TrainedDetector):
 
     def __init__(self, *, backbone="resnet50", weights="imagenet", unfreeze="fc+layer3+layer4", augment=True,
                  loss="ce", focal_gamma=2.0, focal_alpha=0.25, class_weight=None, weight_decay=0.01,
-                 warmup_epochs=0, good_class="good", **common):
+                 warmup_epochs=0, train_bn=True, good_class="good", **common):
         super().__init__(**common)
         self.backbone = backbone
         self.weights = weights
@@ -235,6 +238,7 @@ class DefectClassifier(TrainedDetector):
         self.class_weight = class_weight
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
+        self.train_bn = train_bn
         self.good_class = good_class
 
     # -- parameters ---------------------------------------------------------------------------------
@@ -256,6 +260,7 @@ class DefectClassifier(TrainedDetector):
         check(num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         check(isinstance(self.warmup_epochs, int) and not isinstance(self.warmup_epochs, bool)
               and self.warmup_epochs >= 0, "warmup_epochs", "an int >= 0", self.warmup_epochs)
+        check(isinstance(self.train_bn, bool), "train_bn", "True or False", self.train_bn)
         check(isinstance(self.good_class, (str, int)) and not isinstance(self.good_class, bool), "good_class",
               "a class name or index", self.good_class)
 
@@ -400,6 +405,10 @@ class DefectClassifier(TrainedDetector):
         for name, m in net.backbone.named_modules():
             if name and self._trainable(trainable_group(net.backbone.family, self.backbone, name)):
                 m.train()
+        if not self.train_bn:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def _criterion(self, weight):
         if self.loss == "focal":

@@ -46,7 +46,6 @@ with ``contextual="mse"``), averaged over channels and blurred (σ = 4).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import training
@@ -156,6 +155,19 @@ class NetD(nn.Module):
 
 
 # -- losses (lib/model.py:280-336, lib/loss.py) ----------------------------------------------------------
+def bce(p: torch.Tensor, target: float) -> torch.Tensor:
+    """``nn.BCELoss()(p, full(target))``: −mean(t·log p + (1 − t)·log(1 − p)), each log
+    clamped at −100 as torch does; written out so that it may run under autocast
+    (torch refuses ``binary_cross_entropy`` there)."""
+    p = p.float()
+    loss = 0.0
+    if target != 0:
+        loss = loss - target * torch.log(p).clamp_min(-100)
+    if target != 1:
+        loss = loss - (1 - target) * torch.log1p(-p).clamp_min(-100)
+    return loss.mean()
+
+
 def generator_loss(netd: NetD, x, fake, latent_i, latent_o, *, adversarial: str = "feature", contextual: str = "l1",
                    w_adv: float = 1.0, w_con: float = 50.0, w_enc: float = 1.0):
     """(L_G, (L_adv, L_con, L_enc)). adversarial "feature": mean ‖f(x) − f(x̂)‖²
@@ -164,8 +176,7 @@ def generator_loss(netd: NetD, x, fake, latent_i, latent_o, *, adversarial: str 
     if adversarial == "feature":
         adv = (netd(x)[1] - netd(fake)[1]).square().mean()
     else:
-        pred = netd(fake)[0]
-        adv = F.binary_cross_entropy(pred, torch.ones_like(pred))
+        adv = bce(netd(fake)[0], 1.0)
     con = (fake - x).abs().mean() if contextual == "l1" else (fake - x).square().mean()
     enc = (latent_o - latent_i).square().mean()
     return w_adv * adv + w_con * con + w_enc * enc, (adv, con, enc)
@@ -173,8 +184,7 @@ def generator_loss(netd: NetD, x, fake, latent_i, latent_o, *, adversarial: str 
 
 def discriminator_loss(pred_real: torch.Tensor, pred_fake: torch.Tensor) -> torch.Tensor:
     """½[BCE(D(x), 1) + BCE(D(x̂), 0)] (``model.py:327-336``)."""
-    return 0.5 * (F.binary_cross_entropy(pred_real, torch.ones_like(pred_real))
-                  + F.binary_cross_entropy(pred_fake, torch.zeros_like(pred_fake)))
+    return 0.5 * (bce(pred_real, 1.0) + bce(pred_fake, 0.0))
 
 
 def latent_distance(latent_i: torch.Tensor, latent_o: torch.Tensor) -> torch.Tensor:
@@ -300,8 +310,7 @@ class GANomaly(TrainedDetector):
                     err_g, (adv, con, enc) = generator_loss(netd, x, fake, latent_i, latent_o, **losses)
                 run.backward(err_g, "g")  # G first (model.py:354-356)
                 opts["d"].zero_grad(set_to_none=True)  # drop what L_G left in D's gradients
-                with run.autocast():
-                    err_d = discriminator_loss(pred_real.float(), pred_fake.float())
+                err_d = discriminator_loss(pred_real, pred_fake)
                 run.backward(err_d, "d")
                 if err_d.item() < self.reinit_below:  # model.py:362
                     netd.apply(weights_init)

@@ -37,6 +37,18 @@ def test_defaults_follow_the_source():
     assert (p["image_size"], p["batch_size"], p["max_epochs"], p["lr"]) == (256, 16, 100, 1e-4)
     assert (p["beta"], p["grey"], p["reconstruction"], p["early_stopping_patience"]) == (1.0, True, "bce", 10)
     assert (p["plateau_patience"], p["plateau_factor"]) == (5, 0.5)
+    assert (p["score"], p["topk"], p["blur_sigma"]) == ("topk", 0.05, 4.0)  # measured: docs/detectors/vae.md
+
+
+def test_scoring_parameters_do_not_block_resuming(data, tmp_path):
+    train, test = data
+    ckpt = tmp_path / "v.ckpt"
+    a = pyad.VAE(**TINY).fit(train, checkpoint=ckpt)
+    b = pyad.VAE(**{**TINY, "score": "elbo", "blur_sigma": 0.0}).fit(train, checkpoint=ckpt)  # resumes: no training
+    np.testing.assert_array_equal(a.predict(test, maps="low").maps,
+                                  pyad.ops.gaussian_blur(torch.from_numpy(b.predict(test, maps="low").maps), 4.0).numpy())
+    with pytest.raises(ValueError, match="belongs to another run"):
+        pyad.VAE(**{**TINY, "latent_dim": 4}).fit(train, checkpoint=ckpt)
 
 
 def test_network_shapes_at_256_px():
@@ -121,7 +133,8 @@ def test_inference_uses_mu_and_is_deterministic(fitted, data):
     err = (x - recon).square().mean(1)
     maps = fitted.predict(test, maps="low").maps
     np.testing.assert_allclose(maps, pyad.ops.gaussian_blur(err, fitted.blur_sigma).numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(a.scores, maps.reshape(3, -1).mean(1), rtol=1e-5)  # score="mean"
+    k = int(np.ceil(0.05 * 32 * 32))  # score="topk", topk=0.05: the mean of the top 5 % of the map
+    np.testing.assert_allclose(a.scores, np.sort(maps.reshape(3, -1), 1)[:, -k:].mean(1), rtol=1e-5)
     with torch.no_grad():
         elbo, _ = fitted._module(net, score="elbo")(fitted.preprocessing(list(test)))
     want = V.reconstruction_error(recon, x, "bce") + V.kl_divergence(mu, logvar)

@@ -18,8 +18,8 @@ a Cortex-A72). The method (docs/arm.md):
    belong to a convolution, linear or normalisation layer.
 3. State that grows with the training set (PatchCore's coreset, SPADE's gallery) is
    counted at two training-set sizes and extrapolated linearly to MVTec AD bottle's 209
-   training images (``--train-images``); a detector with under 1 MB of such state
-   (the trained ones: normalisation statistics) is counted once.
+   training images (``--train-images``); a trained detector with under 1 MB of such
+   state (normalisation statistics) is counted once.
 4. Estimate = FLOPs / rate of the detector's backbone family + state bytes / the Pi 4's
    streaming bandwidth (no overlap of the two: pessimistic). Networks of none of the
    three families (MobileNetV2, EfficientNet, the trained detectors' own networks) get
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -48,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pyad
 from pyad.backbones import Backbone
 from pyad.detectors import REGISTRY
+from pyad.detectors.frozen import FrozenFeatureDetector
 from pyad.ops import portable
 
 # Baßler, KIT master's thesis, Table 2.4: whole network, 224 x 224 x 3, batch 1, Raspberry Pi 4B
@@ -75,17 +77,19 @@ LIGHT = {
         "WRN50-2, 1% coreset": dict(coreset_ratio=0.01),
         "WRN50-2, |M| = 1000": dict(memory_bank_size=1000),
         "R18 layer2+3, |M| = 1000": dict(backbone="resnet18", memory_bank_size=1000),
-        "R34 layer2, avg pool, |M| = 1000": dict(backbone="resnet34", layers=("layer2",), pooling="avg",
-                                                 memory_bank_size=1000),
-        "R18 layer2, avg pool, |M| = 1000 (seed 003)": dict(backbone="resnet18", layers=("layer2",), pooling="avg",
-                                                            memory_bank_size=1000),
-        "R18 layer2, avg pool stride 2, |M| = 1000": dict(backbone="resnet18", layers=("layer2",), pooling="avg",
-                                                          patch_stride=2, memory_bank_size=1000),
         "MobileNetV2 layer2+3, |M| = 1000": dict(backbone="mobilenet_v2", memory_bank_size=1000),
+        # Baßler's lightweight embedding: avg pool 3x3, channels kept (no projection to 1024)
+        "R34 layer2, avg pool (d = 128), |M| = 1000": dict(backbone="resnet34", layers=("layer2",), pooling="avg",
+                                                            embed_dim=None, target_dim=None, memory_bank_size=1000),
+        "R18 layer2, avg pool (d = 128), |M| = 1000": dict(backbone="resnet18", layers=("layer2",), pooling="avg",
+                                                            embed_dim=None, target_dim=None, memory_bank_size=1000),
+        "R18 layer2, avg pool stride 2 (d = 128), |M| = 1000": dict(
+            backbone="resnet18", layers=("layer2",), pooling="avg", patch_stride=2, embed_dim=None, target_dim=None,
+            memory_bank_size=1000),
     },
     "padim": {
         "R18, float16 factor": dict(factor_dtype="float16"),
-        "WRN50-2 (d = 550)": dict(backbone="wide_resnet50_2"),
+        # not WRN50-2 (d = 550): fitting it needs over 10 GB at 256 px (docs/arm.md gives it by hand)
         "MobileNetV2": dict(backbone="mobilenet_v2"),
     },
     "spade": {"R18": dict(backbone="resnet18")},
@@ -221,8 +225,10 @@ def estimate(name: str, label: str, params: dict, rates: dict, n_ref: int) -> di
     n1, n2 = training_sizes(full)
     t0 = time.perf_counter()
     a = measure(name, params, n1)
-    # a second size only where there is learned state to grow (trained networks' is fixed)
-    b = measure(name, params, n2) if a["state"] > STATE_GROWS_ABOVE else a
+    # a second size only where the state can grow: detectors that keep training features,
+    # or any with more than STATE_GROWS_ABOVE of it (trained networks' statistics are fixed)
+    grows = issubclass(REGISTRY[name], FrozenFeatureDetector) or a["state"] > STATE_GROWS_ABOVE
+    b = measure(name, params, n2) if grows else a
     row = {"detector": name, "configuration": label, "params": params, "size": a["size"]}
     for q in ("flops", "traffic", "state"):  # affine in the number of training images
         row[q] = a[q] + (b[q] - a[q]) / (n2 - n1) * (n_ref - n1)
@@ -267,7 +273,9 @@ def table(rows: list[dict], rates: dict) -> str:
              "compute s | state s | **RPi 4 estimate** | ≤ 1 s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = r["configuration"] if r["configuration"] != "defaults" else f"defaults ({describe(r['detector'])})"
+        label = r["configuration"]
+        if label == "defaults" and describe(r["detector"]):
+            label = f"defaults ({describe(r['detector'])})"
         est = f"**{r['estimate_s']:.2f} s**"
         if r["estimate_low_s"] < r["estimate_s"]:
             est = f"**{r['estimate_low_s']:.2f}–{r['estimate_s']:.2f} s**"
@@ -286,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="skip the lightweight configurations")
     ap.add_argument("--train-images", type=int, default=BOTTLE_TRAIN_IMAGES,
                     help="training-set size the memory banks are extrapolated to (MVTec AD bottle: 209)")
-    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--json", help="also write the rows here, after each one; rows already there are kept, not recounted")
     ap.add_argument("--table-from", metavar="JSON", help="print the table of an earlier --json run (no counting)")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -301,22 +309,37 @@ def main(argv=None) -> int:
     torch.set_num_threads(pyad.info()["threads"])
     rates = calibration()
     rows = []
-    todo = [(n, lab, p) for n, lab, p in configurations(names) if not (args.defaults_only and lab != "defaults")]
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            saved = json.load(f)["rows"]
+        wanted = {(n, lab): json.loads(json.dumps(p, default=str)) for n, lab, p in configurations(names)}
+        rows = [r for r in saved if wanted.get((r["detector"], r["configuration"]), "-") == r["params"]]
+    done = {(r["detector"], r["configuration"]) for r in rows}
+    todo = [(n, lab, p) for n, lab, p in configurations(names)
+            if not (args.defaults_only and lab != "defaults") and (n, lab) not in done]
     for name, label, params in todo:
         try:
             rows.append(estimate(name, label, params, rates, args.train_images))
             r = rows[-1]
+            if args.json:
+                save(args.json, rates, args.train_images, rows)
             print(f"{name:20s} {label:45s} {r['flops'] / 1e9:8.2f} GFLOP  {r['state'] / 1e6:8.1f} MB state  "
                   f"{r['estimate_low_s']:6.2f}-{r['estimate_s']:6.2f} s  ({r['count_seconds']:.0f} s to count)",
                   file=sys.stderr, flush=True)
         except Exception as e:  # a detector another engineer is still writing must not stop the table
             print(f"{name:20s} {label:45s} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    print(table(rows, rates))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"calibration": rates, "bandwidth": RPI4_BANDWIDTH, "train_images": args.train_images,
-                       "rows": rows}, f, indent=1, default=str)
+    order = {key: i for i, key in enumerate((n, lab) for n, lab, _ in configurations(names))}
+    rows.sort(key=lambda r: order.get((r["detector"], r["configuration"]), len(order)))
+    print(table([timed(r, rates) for r in rows], rates))
     return 0
+
+
+def save(path: str, rates: dict, train_images: int, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"calibration": rates, "bandwidth": RPI4_BANDWIDTH, "train_images": train_images, "rows": rows},
+                  f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

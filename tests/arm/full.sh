@@ -71,12 +71,20 @@ fi
 # --- wheels (host side: pip download for the target platform, no resolution) -------------
 mkdir -p "$cache/wheels"
 req=$root/tests/arm/requirements.txt
-t0=$SECONDS
-python3 -m pip download -q --no-deps --only-binary=:all: -d "$cache/wheels" \
-  --platform manylinux_2_36_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
-  --platform manylinux_2_17_aarch64 --platform linux_aarch64 \
-  --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none -r "$req"
-lap "wheels" $t0
+stamp=$cache/wheels/.complete-$(sha256sum "$req" | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  t0=$SECONDS
+  pip=(python3 -m pip)
+  if ! python3 -m pip --version >/dev/null 2>&1; then   # a system Python without pip
+    python3 -m venv "$cache/host-venv" && pip=("$cache/host-venv/bin/python" -m pip)
+  fi
+  "${pip[@]}" download -q --no-deps --only-binary=:all: -d "$cache/wheels" \
+    --platform manylinux_2_36_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+    --platform manylinux_2_17_aarch64 --platform linux_aarch64 \
+    --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none -r "$req"
+  touch "$stamp"
+  lap "wheels" $t0
+fi
 
 # --- mounts for a chroot, in a private mount namespace (gone when it exits) --------------
 # in_chroot DIR COMMAND...: run COMMAND in DIR as root file system with /proc, /dev, /sys,
@@ -93,7 +101,7 @@ in_chroot() {
     mount --bind "$wheels" "$dir/wheels" && mount -o remount,ro,bind "$dir/wheels"
     exec chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
       PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-      OMP_NUM_THREADS='"$threads"' PYAD_THREADS='"$threads"' "$@"
+      OMP_NUM_THREADS='"$threads"' CMAKE_BUILD_PARALLEL_LEVEL='"$threads"' "$@"
   ' in_chroot "$dir" "$cache/wheels" "$@"
 }
 
@@ -121,7 +129,7 @@ if [ ! -e "$tarball" ]; then
     rm -rf /root/.cache /var/lib/apt/lists/*'
   lap "virtual environment (under qemu)" $t0
   t0=$SECONDS
-  tar --zstd -cf "$build/rootfs.tar.zst" -C "$build/rootfs" --exclude=./proc/* --exclude=./sys/* --exclude=./dev/* .
+  tar --zstd -cf "$build/rootfs.tar.zst" -C "$build/rootfs" --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' .
   rm -f "$cache"/rootfs-"$suite"-arm64-*.tar.zst   # older recipes
   mv "$build/rootfs.tar.zst" "$tarball"
   rm -rf "$build"

@@ -17,7 +17,7 @@ numba.
 from ._version import __version__
 from . import kernels
 
-_LAZY = {"AST", "UninformedStudents", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "VAE", "DefectClassifier", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
+_LAZY = {"AST", "UninformedStudents", "PatchCore", "PaDiM", "SPADE", "AutoEncoder", "SimpleNet", "GANomaly", "EfficientAD", "EfficientADAST", "VAE", "DefectClassifier", "Detector", "Prediction", "NotFittedError", "load", "clone", "REGISTRY"}
 _EVALUATION = {"evaluate", "latency", "Report"}
 _MODULES = {"classification", "datasets", "metrics", "evaluation", "plots", "backbones", "images", "training", "ops", "distill", "export"}
 _FUNCTIONS = {"distill_teacher": "distill", "OnnxDetector": "export"}  # name -> module holding it

@@ -6,6 +6,7 @@ from .autoencoder import AutoEncoder
 from .classifier import DefectClassifier
 from .base import REGISTRY, Detector, NotFittedError, Prediction, clone, load
 from .efficientad import EfficientAD
+from .efficientad_ast import EfficientADAST
 from .ganomaly import GANomaly
 from .padim import PaDiM
 from .patchcore import PatchCore
@@ -14,4 +15,4 @@ from .spade import SPADE
 from .uninformed_students import UninformedStudents
 from .vae import VAE
 
-__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "EfficientAD", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "UninformedStudents", "VAE", "clone", "load"]
+__all__ = ["REGISTRY", "AST", "AutoEncoder", "DefectClassifier", "Detector", "EfficientAD", "EfficientADAST", "GANomaly", "NotFittedError", "PaDiM", "PatchCore", "Prediction", "SimpleNet", "SPADE", "UninformedStudents", "VAE", "clone", "load"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyad import kernels as K
-from pyad.ops import Mahalanobis, NearestNeighbours, PatchEmbed, channel_pool, knn, portable
+from pyad.ops import Mahalanobis, NearestNeighbours, PatchEmbed, _knn, channel_pool, knn, portable
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -52,3 +52,37 @@ def test_mahalanobis_twin_equals_the_kernel():
     with portable():
         twin = op(torch.from_numpy(x[15:]))
     torch.testing.assert_close(twin, fast, rtol=1e-5, atol=1e-5)
+
+
+def _patch_like(m: int, d: int, rank: int, seed: int) -> np.ndarray:
+    """Rows with most variance in ``rank`` directions (as patch features), plus noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0]
+    return (rng.standard_normal((m, rank)) * np.linspace(3, 0.5, rank)) @ basis.T + 0.05 * rng.standard_normal((m, d))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("structured", [True, False])
+def test_bounded_search_is_exact(k, structured):
+    """Large banks search by projected lower bounds (pyad.search.BoundedIndex): the same
+    neighbours and distances as the exhaustive search, whether the bounds are tight
+    (low-rank rows: almost no query falls back) or useless (isotropic rows: every query
+    falls back to the exhaustive search, still exact)."""
+    from pyad.ops import BOUNDED_MIN_DIM, BOUNDED_MIN_ROWS
+    from pyad.search import BoundedIndex
+
+    m, d = BOUNDED_MIN_ROWS + 100, BOUNDED_MIN_DIM
+    rows = _patch_like(m + 300, d, 64, 0) if structured else np.random.default_rng(0).standard_normal((m + 300, d))
+    bank, q = torch.from_numpy(rows[:m]).float(), torch.from_numpy(rows[m:]).float()
+    q[:5] = bank[[3, 50, 700, 4000, m - 1]]  # exact hits: distance 0
+    nn_ = NearestNeighbours(bank, k=k)
+    assert isinstance(nn_.faiss_index(), BoundedIndex)
+    got_d, got_i = nn_(q)
+    want_d, want_i = _knn(q.double(), bank.double(), k, 8192)  # the exhaustive search in float64
+    torch.testing.assert_close(got_d.double(), want_d, rtol=1e-4, atol=1e-4)
+    assert (got_i == want_i).float().mean() > 0.99  # float32 vs float64: near-ties may swap
+    exact = torch.gather(((q[:, None].double() - bank[got_i].double()) ** 2).sum(-1), 1, torch.arange(k)[None].expand(len(q), k))
+    torch.testing.assert_close(exact, want_d, rtol=1e-4, atol=1e-4)  # any swapped index is at the same distance
+    assert (got_i[:5, 0] == torch.tensor([3, 50, 700, 4000, m - 1])).all()
+    fell_back = nn_.faiss_index().fallbacks / len(q)
+    assert fell_back < 0.1 if structured else fell_back > 0.9

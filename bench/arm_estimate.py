@@ -59,7 +59,7 @@ RPI4_SECONDS = {"resnet18": 0.820, "resnet34": 1.450, "wide_resnet50_2": 3.000}
 # (sci-pi.org.uk/bench/stream.html; 5.16 GB/s with a display attached). An assumption:
 # the thesis has no bandwidth figure.
 RPI4_BANDWIDTH = 5.5e9
-TARGET_S = 1.0  # seed 003's goal: one image per second on the Pi
+TARGET_S = 1.0  # Baßler's deployment goal: one image per second on the Pi
 # which calibration rate a network uses: its own, else that of the same block type; any
 # other network (MobileNetV2, EfficientNet, the trained detectors' own) gets the range
 # between ResNet-18's rate and WRN50-2's (see timed)

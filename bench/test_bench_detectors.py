@@ -6,7 +6,7 @@ rows are skipped when it is absent). Ratios come from this run only; memory in G
 (10^9 bytes) on both sides.
 
 Each configuration runs in its own process (bench/run_detector.py) so that its peak
-memory is its own. Targets (issue 15): PaDiM R18 fit >= 5x, predict >= 3x, memory
+memory is its own. Targets: PaDiM R18 fit >= 5x, predict >= 3x, memory
 <= 0.5x; PatchCore WRN50 1% fit >= 10x, predict >= 2x, memory <= 0.5x; PatchCore
 10%: nearest-neighbour search <= 1/3 of predict latency.
 

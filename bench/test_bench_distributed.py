@@ -9,7 +9,7 @@ radius against the single-machine greedy, PaDiM's distance to the single fit).
 
 Needs Ray (``pip install "pyad[ray]"``) and ../shared/data (skipped otherwise).
 Ray runs as one local node of 2 CPUs on 127.0.0.1; timings on the shared 2-core
-VM are noisy (the lead re-measures on a quiet machine).
+VM are noisy (re-measure on a quiet machine).
 """
 
 from __future__ import annotations

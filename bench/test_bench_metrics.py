@@ -3,7 +3,7 @@
 ``roc_auc_score``; pyad's AUPRO vs the official MVTec formulation
 (``evaluation/generic_util.py``: argsort of all pixels, cumulative sums).
 
-Target (issue 3): seconds, not minutes; and faster than both references."""
+Target: seconds, not minutes; and faster than both references."""
 
 import numpy as np
 import pytest

@@ -35,7 +35,7 @@ def test_pooling_cuda(rng, mode):
     np.testing.assert_allclose(K.patch_embed(t, 100, mode=mode).cpu().numpy(), K.patch_embed(x, 100, mode=mode), rtol=1e-5, atol=1e-6)
 
 
-# -- detectors on CUDA (every registered detector; the lead's GPU script runs these) ----------------------
+# -- detectors on CUDA (every registered detector; bench/gpu_check.sh runs these) ----------------------
 from conftest import noisy_images  # noqa: E402
 from test_detectors import CONFIGS, REGISTRY, fit  # noqa: E402
 

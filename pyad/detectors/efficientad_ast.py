@@ -1,6 +1,7 @@
 """EfficientAD-AST: EfficientAD's student-teacher-autoencoder scheme with AST's
-normalising-flow teacher (D. Dulinskas, bachelor thesis, "EfficientAD with an
-asymmetric student-teacher teacher", §2.6; code Dominic-dul/anomalib_old,
+normalising-flow teacher (D. Dulevičius, bachelor thesis "Anomaly Detection in
+Industrial Manufacturing Using Deep Neural Networks", Vilnius University, §2.6
+"Process of integrating AST into EfficientAD"; code Dominic-dul/anomalib_old,
 ``EfficientAD-main/``, cited below as file:line).
 
 The thesis replaces EfficientAD's ImageNet-distilled PDN teacher by AST's

@@ -461,7 +461,8 @@ def _quantize(args) -> int:
     _say(args, f"quantising {det!r} to int8, calibrated on {min(len(calibration), args.max_images)} of "
                f"{len(calibration)} images ({args.method})")
     t0 = time.perf_counter()
-    q = det.quantize(calibration, method=args.method, max_images=args.max_images, exclude=exclude)
+    refit = {"auto": None, "on": True, "off": False}[args.refit]
+    q = det.quantize(calibration, method=args.method, max_images=args.max_images, exclude=exclude, refit=refit)
     q.save(out)
     info = q.quantization_
     left = "; ".join(f"{stage}: {', '.join(ops)}" for stage, ops in info["float"].items()) or "nothing"
@@ -676,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                             "sample (default 300)")
     p.add_argument("--exclude", metavar="SCOPE,...", help="module paths kept in float32 besides the defaults, "
                                                           "e.g. embed.net.body.layer1")
+    p.add_argument("--refit", choices=("auto", "on", "off"), default="auto",
+                   help="re-learn a PatchCore / PaDiM / SPADE head and thresholds from the int8 backbone's features "
+                        "of all --calibration images (auto: on for those, from a .pyad model; then pass every "
+                        "training image)")
     p.add_argument("--weights", metavar="FILE", help="the backbone checkpoint, if it moved (see predict --weights)")
 
     p = cmd("predict", _predict, "score images with a saved model; write scores, heat-map overlays and masks")

@@ -23,11 +23,23 @@ ONNX Runtime (QDQ format, ``quant_pre_process`` then ``quantize_static`` with a
 calibration reader over *normal training images*, per-channel int8 weights,
 uint8 activations): the same model file runs on x86 (VNNI/AVX2 kernels) and on
 aarch64 (NEON/dot-product kernels). Only the nodes of learnt convolution and
-linear layers (modules derived from ``nn.Conv2d``, ``nn.ConvTranspose2d``,
-``nn.Linear``) are quantised; everything else stays float32 — the
+linear layers (modules derived from ``nn.Conv1d``, ``nn.Conv2d``,
+``nn.ConvTranspose2d``, ``nn.Linear``, and those with a BatchNorm folded in by
+the exporter) are quantised; everything else stays float32 — the
 nearest-neighbour search, Mahalanobis scoring, the Gaussian blur (a functional
 convolution), resizing, score reductions — and ``FLOAT_SCOPES`` lists, per
 detector, the learnt layers that stay float too (see ``quantized_parts``).
+
+The fit-once frozen-feature detectors (PatchCore, PaDiM, SPADE) measure distances
+between backbone features and a head learnt from float features; int8 features
+move every distance by the rounding. ``quantize(refit=...)`` (default: on for
+those three, when given the torch detector) therefore quantises the backbone
+alone with the same calibration, re-learns the head (memory bank, Gaussians,
+gallery) and the thresholds from the int8 backbone's features of the calibration
+images (pass the training images), and exports that head over the float backbone,
+so the quantised graph computes the features the head was learnt on
+(``quantization_["refit"]``; its ``check_max_rel_diff`` compares the int8 graph
+with the refitted head on the int8 backbone).
 ``torch.ao.quantization`` is deprecated and may be absent, and torchao's PT2E
 output needs a backend-specific lowering; ONNX Runtime's QDQ path needs neither.
 
@@ -83,6 +95,13 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # not a learnt convolution / linear layer stays float32 for every detector.
 FLOAT_SCOPES: dict[str, tuple[str, ...]] = {
     "ast": ("teacher",),  # the normalising flow: affine couplings (exp of a conv output) amplify int8 error
+    # GANomaly's score is mean((z - ẑ)²) of two encoders' latents, min-max scaled by the
+    # normal validation scores, whose spread is 1e-4..4e-4 of the distance itself: the
+    # independent int8 errors of two quantised encoders (0.25-0.9% of the distance,
+    # measured on the test's tiny network) swamp it and reversed the ranking of normal
+    # and defect images. The latents are computed in float; the decoder (the map's
+    # reconstruction, feeding ẑ through the float encoder) stays int8 (docs/deployment.md).
+    "ganomaly": ("netg.encoder1", "netg.encoder2"),
 }
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -638,7 +657,9 @@ def quantized_parts(model, detector: str, exclude=()) -> tuple[list[str], dict]:
     [learnt layers kept float]}) of an exported float model: the nodes of learnt
     convolution / linear layers, minus ``FLOAT_SCOPES[detector]`` and ``exclude``
     (module path prefixes)."""
-    layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d)
+    # a BatchNorm after a convolution is folded into it by the exporter: the folded
+    # Conv node carries the BatchNorm's module
+    layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d, nn.modules.batchnorm._BatchNorm)
     skip = tuple(FLOAT_SCOPES.get(detector, ())) + tuple(exclude)
     chosen, int8, flt = [], set(), set()
     for n in model.graph.node:
@@ -712,54 +733,57 @@ class _Reader:
 
 
 def quantize(det: Detector, calibration_images, *, method: str = "minmax", max_images: int | None = 300,
-             per_channel: bool = True, exclude=(), seed: int = 0) -> OnnxDetector:
-    """Static int8 post-training quantisation (module doc). ``calibration_images``:
-    normal training images (a folder, paths, arrays, or a pyad dataset's training
-    images); at most ``max_images`` of them (a seeded sample). ``method``: activation
-    ranges from "minmax" (default), "entropy" or "percentile" (99.999%) calibration.
-    ``exclude``: more module path prefixes to keep in float32. Returns the int8
-    detector (save it with ``.save("model-int8.onnx")``, load it with ``pyad.load``)."""
-    require()
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+             per_channel: bool = True, exclude=(), refit: bool | None = None, seed: int = 0) -> OnnxDetector:
+    """Static int8 post-training quantisation (module doc).
 
+    calibration_images: normal training images (a folder, paths, arrays, or a pyad
+        dataset, whose training images are used); at most ``max_images`` of them (a
+        seeded sample) set the activation ranges.
+    method: activation ranges from "minmax" (default), "entropy" or "percentile"
+        (99.999%) calibration (the last two hold every activation of every
+        calibration image in memory).
+    refit: re-learn the head of a fit-once frozen-feature detector (PatchCore's
+        memory bank, PaDiM's Gaussians, SPADE's gallery) and its thresholds from the
+        int8 backbone's features of ``calibration_images`` (pass the training
+        images: the head learns from all of them, not only the ``max_images``
+        sample). Default: on for
+        those detectors given as torch detectors (their distances otherwise measure
+        the int8 rounding; docs/deployment.md), off for trained detectors
+        (refitting is training) and for an ``OnnxDetector`` (its head is in the graph).
+    exclude: more module path prefixes to keep in float32.
+
+    Returns the int8 detector (``.save("model-int8.onnx")``, ``pyad.load``)."""
+    require()
     check(method in CALIBRATION_METHODS, "method", f"one of {CALIBRATION_METHODS}", method)
     check(max_images is None or (isinstance(max_images, int) and max_images >= 1), "max_images",
           "None or a positive int", max_images)
+    check(refit in (None, True, False), "refit", "None, True or False", refit)
     if isinstance(exclude, str):
         exclude = (exclude,)
+    items = imgs.as_items(_split(calibration_images, "train"), "calibration_images")
+    sample = items
+    if max_images is not None and len(items) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), max_images, replace=False))
+        sample = [items[i] for i in keep]
+    refittable = _refittable(det)
+    refit = refittable if refit is None else refit
+    if refit and not refittable:
+        raise ValueError(f"refit: only the fit-once frozen-feature detectors (PatchCore, PaDiM, SPADE) as torch "
+                         f"detectors re-learn their head on int8 features, not {type(det).__name__}"
+                         + (" (load the .pyad model)" if isinstance(det, OnnxDetector) else ""))
+    refit_info = None
+    if refit:
+        det, refit_info, int8_net = _refit_head(det, calibration_images, sample, method, per_channel, exclude)
     src = as_onnx(det)
     if src.precision_ != "float32":
         raise ValueError(f"det: this model is already {src.precision_}; quantise the float32 export")
-    items = imgs.as_items(_split(calibration_images, "train"), "calibration_images")
-    if max_images is not None and len(items) > max_images:
-        keep = np.sort(np.random.default_rng(seed).choice(len(items), max_images, replace=False))
-        items = [items[i] for i in keep]
-    model = onnx.load_from_string(src._onnx)
+    import onnx
+
     meta = dict(src._meta)
-    with tempfile.TemporaryDirectory(prefix="pyad-quantize-") as tmp:
-        f32, pre_path, out = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(model, f32)
-        with _quiet():
-            quant_pre_process(f32, pre_path, skip_symbolic_shape=True)
-        pre_model = onnx.load(pre_path)
-        _carry_metadata(model, pre_model)
-        nodes, parts = quantized_parts(pre_model, meta["detector"], exclude)
-        if not nodes:
-            raise ValueError(f"det: {meta['detector']} has no convolution or linear layer left to quantise "
-                             f"(excluded: {FLOAT_SCOPES.get(meta['detector'], ()) + tuple(exclude)})")
-        onnx.save(pre_model, pre_path)
-        reader = _Reader(src.preprocessing, items)
-        started = time.perf_counter()
-        calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
-        with _quiet():
-            quantize_static(pre_path, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                            calibrate_method=calib)
-        seconds = time.perf_counter() - started
-        q = onnx.load(out)
-    _carry_metadata(pre_model, q)
+    started = time.perf_counter()
+    q, nodes, parts = _quantize_model(onnx.load_from_string(src._onnx), meta["detector"], src.preprocessing, sample,
+                                      method, per_channel, exclude)
+    seconds = time.perf_counter() - started
     order = meta.get("stages") or ["network"]
     labels = {n.name: order.index(v) for n in q.graph.node for p in n.metadata_props
               if p.key == STAGE_KEY for v in [p.value] if v in order}
@@ -768,13 +792,133 @@ def quantize(det: Detector, calibration_images, *, method: str = "minmax", max_i
     meta["quantization"] = {
         "tool": "onnxruntime.quantization.quantize_static", "onnxruntime": _ort_version(), "format": "QDQ",
         "weights": "int8, per channel" if per_channel else "int8, per tensor", "activations": "uint8, per tensor",
-        "calibration": method, "calibration_images": len(items), "seconds": round(seconds, 2),
+        "calibration": method, "calibration_images": len(sample), "seconds": round(seconds, 2),
         "quantized_nodes": len(nodes), "int8_scopes": parts["int8"], "float_layers": parts["float_layers"],
-        "float": _float_ops(q, set(nodes)), "backends": quantization_backends(),
+        "float": _float_ops(q, set(nodes)), "refit": refit_info, "backends": quantization_backends(),
     }
     _set_meta(q, meta)
-    return OnnxDetector.from_bytes(q.SerializeToString(), where=f"{meta['detector']} int8", provider=src.provider,
-                                   threads=src.threads, batch_size=src.batch_size)
+
+    def detector():
+        return OnnxDetector.from_bytes(q.SerializeToString(), where=f"{meta['detector']} int8", provider=src.provider,
+                                       threads=src.threads, batch_size=src.batch_size)
+
+    if refit_info is not None:  # the int8 graph scores as the refitted head did on the int8 backbone
+        probe = sample[: min(4, len(sample))]
+        got = detector().predict(probe, maps="none").scores
+        want = _with_backbone(det, int8_net).predict(probe, maps="none").scores
+        refit_info["check_max_rel_diff"] = float(np.max(np.abs(got - want)) / max(1e-12, float(np.abs(want).max())))
+        _set_meta(q, meta)
+    return detector()
+
+
+def _refittable(det) -> bool:
+    from .detectors.frozen import FrozenFeatureDetector
+    from .detectors.trained import TrainedDetector
+
+    return isinstance(det, FrozenFeatureDetector) and not isinstance(det, TrainedDetector)
+
+
+def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, method: str, per_channel: bool,
+                    exclude=()):
+    """(QDQ int8 model, quantised node names, parts) of an exported float model."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="pyad-quantize-") as tmp:
+        f32, pre_path, out = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(model, f32)
+        with _quiet():
+            # shape inference only: the exporter already folded BatchNorm into the convolutions,
+            # and ONNX Runtime's offline constant folding would store folded constants (PaDiM's
+            # packed factors unpacked to [P, d, d]: twice the file)
+            quant_pre_process(f32, pre_path, skip_optimization=True, skip_symbolic_shape=True)
+        pre_model = onnx.load(pre_path)
+        _carry_metadata(model, pre_model)
+        nodes, parts = quantized_parts(pre_model, detector, exclude)
+        if not nodes:
+            raise ValueError(f"det: {detector} has no convolution or linear layer left to quantise "
+                             f"(kept in float32: {FLOAT_SCOPES.get(detector, ()) + tuple(exclude)})")
+        onnx.save(pre_model, pre_path)
+        calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+        with _quiet():
+            quantize_static(pre_path, out, _Reader(pre, sample), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            calibrate_method=calib)
+        q = onnx.load(out)
+    _carry_metadata(pre_model, q)
+    return q, nodes, parts
+
+
+class _OrtBackbone(nn.Module):
+    """A frozen backbone run by an ONNX Runtime session (the int8 backbone): the
+    ``Backbone`` interface the frozen-feature detectors use (``forward`` -> {layer:
+    features}, ``shapes``, ``layer_names``)."""
+
+    def __init__(self, data: bytes, names: list[str], shapes: dict, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        opt = ort.SessionOptions()
+        opt.intra_op_num_threads = threads or torch.get_num_threads()
+        opt.log_severity_level = 3
+        self.session = ort.InferenceSession(data, opt, providers=[PROVIDERS["cpu"]])
+        self.layer_names, self._shapes = list(names), dict(shapes)
+
+    def shapes(self, size: int = 224) -> dict:
+        return self._shapes
+
+    def forward(self, x: torch.Tensor) -> dict:
+        outs = self.session.run(self.layer_names, {INPUT: np.ascontiguousarray(x.detach().cpu().float().numpy())})
+        return {n: torch.from_numpy(o) for n, o in zip(self.layer_names, outs)}
+
+
+def _refit_head(det, calibration_images, sample, method, per_channel, exclude):
+    """A copy of ``det`` whose head and thresholds are learnt from the int8 backbone's
+    features (its backbone stays the float one: exported and quantised with the same
+    calibration, the int8 graph then computes the features the head was fitted on)."""
+    import onnx
+
+    started = time.perf_counter()
+    net = det._network()
+    if next(net.parameters()).device.type != "cpu":
+        import copy
+
+        net = copy.deepcopy(net).cpu()
+    size = det.preprocessing.size
+    names = list(net.layer_names)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
+                                    output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                    verbose=False, report=False, optimize=True)
+    # the same layers as in the full graph: exclusions are paths in the inference module
+    at = next((n for n, m in det.inference_module().named_modules() if m is det._network()), "")
+    own = tuple(e[len(at) + 1 :] for e in exclude if at and e.startswith(at + "."))
+    backbone, _, _ = _quantize_model(program.model_proto, "backbone", det.preprocessing, sample, method, per_channel,
+                                     own)
+    int8_net = _OrtBackbone(backbone.SerializeToString(), names, net.shapes(size))
+    clone = _with_backbone(base.clone(det, device="cpu"), int8_net)
+    clone.fit(calibration_images)  # the frozen-feature fit takes its backbone from _network()
+    clone.weights_id_ = getattr(det, "weights_id_", None)
+    clone.weights_source_ = getattr(det, "weights_source_", None)
+    info = {"head": "re-learnt from the int8 backbone's features of the calibration images",
+            "n_train": clone.n_train_, "threshold_rule": clone.threshold_rule_,
+            "seconds": round(time.perf_counter() - started, 2)}
+    float_twin = base.clone(clone)  # the same learnt state on the float backbone: what is exported
+    for k in [a for a in clone.__dict__ if a.endswith("_") and not a.startswith("_")]:
+        setattr(float_twin, k, getattr(clone, k))
+    float_twin._cache["backbone"] = net
+    return float_twin, info, int8_net
+
+
+def _with_backbone(det, net):
+    """``det`` with ``net`` as its frozen backbone (an instance override of
+    ``_network``, module cache cleared)."""
+    det._network = lambda: net
+    with det._lock:
+        det._cache.clear()
+    return det
 
 
 def _carry_metadata(src, dst) -> None:

@@ -42,16 +42,22 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def pairs(data):
-    """name -> (fitted torch detector, its ONNX export loaded back), built once."""
-    cache = {}
+def pairs(data, tmp_path_factory):
+    """name -> (fitted torch detector, its ONNX export loaded back), built once;
+    ``pairs.path(name)``: the file ``det.export`` wrote (one export per detector)."""
+    cache, folder = {}, tmp_path_factory.mktemp("exports")
 
     def get(name):
         if name not in cache:
             det = fit(REGISTRY[name](**CONFIGS[name][0]), data[0])
-            cache[name] = det, E.as_onnx(det)
+            cache[name] = det, pyad.load(det.export(folder / f"{name}.onnx"))
         return cache[name]
 
+    def path(name):
+        get(name)
+        return folder / f"{name}.onnx"
+
+    get.path = path
     return get
 
 
@@ -120,9 +126,9 @@ def test_onnx_batch_invariance(pair, data):
         _close(m1[0], m8[i], scale)
 
 
-def test_metadata_carries_what_deployment_needs(pair, tmp_path):
+def test_metadata_carries_what_deployment_needs(pair, pairs):
     det, onnx_det = pair
-    path = det.export(tmp_path / "m.onnx")
+    path = pairs.path(det.name)  # written by det.export
     model = onnx.load(path)
     meta = json.loads(next(p.value for p in model.metadata_props if p.key == "pyad"))
     assert meta["detector"] == det.name and meta["params"]["image_size"] == det.image_size
@@ -198,10 +204,26 @@ def test_bad_input(pairs, data, tmp_path):
     with pytest.raises(ValueError, match="method"):
         det.quantize(data[0], method="kl")
     with pytest.raises(ValueError, match="already int8"):
-        det.quantize(data[0]).quantize(data[0])
+        onnx_det.quantize(data[0], max_images=4).quantize(data[0])
+    with pytest.raises(ValueError, match="refit: only the fit-once frozen-feature detectors"):
+        det.quantize(data[0], refit=True)
+
+
+def test_int8_without_refit(pairs, data):
+    """refit=False quantises a frozen-feature detector's backbone under its float head
+    (thresholds unchanged); the ONNX detector can only be quantised that way."""
+    det, onnx_det = pairs("padim")
+    q = onnx_det.quantize(data[0], max_images=8)
+    assert q.quantization_["refit"] is None and q.threshold_ == det.threshold_
+    assert q.predict(data[1]).scores[2:].min() > q.predict(data[1]).scores[:2].max()
+    with pytest.raises(ValueError, match="load the .pyad model"):
+        onnx_det.quantize(data[0], refit=True)
 
 
 # -- int8 -------------------------------------------------------------------------------------------------
+REFIT = ("patchcore", "padim", "spade")  # quantize re-learns their head on the int8 backbone's features
+
+
 def _spearman(a, b):
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -212,9 +234,16 @@ def test_int8_every_detector(pair, data, tmp_path):
     an ONNX model, and still ranks the defect images first (tiny random networks:
     an accuracy test on real data is in test_int8_bottle / bench/test_bench_int8.py)."""
     det, onnx_det = pair
-    q = det.quantize(data[0], max_images=16)
+    # the torch detector where a refit needs it; otherwise its export (the same graph, not exported again)
+    q = (det if det.name in REFIT else onnx_det).quantize(data[0], max_images=16)
     assert q.precision_ == "int8" and q.quantization_["calibration_images"] == 16
     assert q.quantization_["quantized_nodes"] > 0
+    refit = q.quantization_["refit"]
+    if det.name in REFIT:
+        assert refit["n_train"] == len(data[0]) and refit["check_max_rel_diff"] < 1e-4
+        assert q.threshold_ != det.threshold_
+    else:
+        assert refit is None and q.threshold_ == det.threshold_
     model = onnx.load_from_string(q.model_bytes())
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -233,7 +262,7 @@ def test_int8_every_detector(pair, data, tmp_path):
 def test_int8_calibrates_on_the_given_images_only(pairs, data, monkeypatch):
     """Calibration reads exactly the images passed (normal training images): a
     seeded sample of at most max_images, nothing else."""
-    det, _ = pairs("patchcore")
+    det, onnx_det = pairs("patchcore")
     seen = []
     real = E._Reader.get_next
 
@@ -244,7 +273,7 @@ def test_int8_calibrates_on_the_given_images_only(pairs, data, monkeypatch):
         return out
 
     monkeypatch.setattr(E._Reader, "get_next", spy)
-    det.quantize(data[0], max_images=5, seed=1)
+    onnx_det.quantize(data[0], max_images=5, seed=1)
     train = det.preprocessing(list(data[0])).numpy()
     assert 0 < len(seen) and all(any(np.array_equal(s[0], t) for t in train) for s in seen)
     assert len({s.tobytes() for s in seen}) == 5
@@ -263,7 +292,7 @@ def test_cli_export_quantize_predict_bench(pairs, data, tmp_path, capsys):
         Image.fromarray(a).save(good / f"{i}.png")
     assert main(["export", str(tmp_path / "m.pyad"), "--out", str(tmp_path / "m.onnx"), "-q"]) == 0
     assert main(["quantize", str(tmp_path / "m.pyad"), "--calibration", str(good), "--out",
-                 str(tmp_path / "q.onnx"), "--max-images", "4", "-q"]) == 0
+                 str(tmp_path / "q.onnx"), "--max-images", "4", "--refit", "off", "-q"]) == 0
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "m.onnx"), str(good)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

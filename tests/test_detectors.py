@@ -64,28 +64,36 @@ def make(request):
     return lambda **kw: REGISTRY[name](**{**CONFIGS[name][0], **kw})
 
 
-@pytest.fixture(scope="module")
-def data():
+def contract_data():
+    """(train, test): 20 normal images and 4 test images, a bright defect in the last two."""
     train, test = noisy_images(0, 64, 20, 4, 90, 160, 10)
-    test[2:, 20:40, 20:40] = 255  # a bright defect in the last two
+    test[2:, 20:40, 20:40] = 255
     return train, test
 
 
+_FITTED: dict = {}
+
+
+def fitted_detector(name, put=None):
+    """One fitted detector per registry entry (CONFIGS, seed 0, on contract_data()'s
+    training images), shared by the read-only tests of this file and of test_export
+    (fitting is most of the suite's time); test_fit_returns_self_and_predict_shapes,
+    which runs first, puts its detector here. Tests that change it restore it."""
+    if put is not None:
+        _FITTED[name] = put
+    if name not in _FITTED:
+        _FITTED[name] = fit(REGISTRY[name](**CONFIGS[name][0]), contract_data()[0])
+    return _FITTED[name]
+
+
 @pytest.fixture(scope="module")
-def fitted(data):
-    """One fitted detector per registry entry (default configuration, seed 0), shared by
-    the read-only tests; test_fit_returns_self_and_predict_shapes, which runs first,
-    puts its detector here."""
-    cache = {}
+def data():
+    return contract_data()
 
-    def get(name, put=None):
-        if put is not None:
-            cache[name] = put
-        if name not in cache:
-            cache[name] = fit(REGISTRY[name](**CONFIGS[name][0]), data[0])
-        return cache[name]
 
-    return get
+@pytest.fixture(scope="module")
+def fitted():
+    return fitted_detector
 
 
 @pytest.fixture

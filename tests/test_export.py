@@ -23,8 +23,7 @@ import onnx  # noqa: E402
 import pyad  # noqa: E402
 from pyad import export as E  # noqa: E402
 from pyad.ops import portable  # noqa: E402
-from conftest import noisy_images  # noqa: E402
-from test_detectors import CONFIGS, REGISTRY, fit  # noqa: E402
+from test_detectors import CONFIGS, contract_data, fitted_detector  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5  # ATOL relative to the largest map value
 # Scores scaled by a fitted range amplify float32 rounding by 1/range: GANomaly
@@ -36,9 +35,7 @@ SCORE_ATOL = {"ganomaly": 1e-3}
 
 @pytest.fixture(scope="module")
 def data():
-    train, test = noisy_images(0, 64, 20, 4, 90, 160, 10)
-    test[2:, 20:40, 20:40] = 255  # a bright defect in the last two
-    return train, test
+    return contract_data()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def pairs(data, tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            det = fit(REGISTRY[name](**CONFIGS[name][0]), data[0])
+            det = fitted_detector(name)  # the contract suite's fitted detector (the same data)
             cache[name] = det, pyad.load(det.export(folder / f"{name}.onnx"))
         return cache[name]
 

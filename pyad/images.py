@@ -392,7 +392,10 @@ class Preprocess:
             o = (self.image_size - self.crop_size) // 2
             canvas[o : o + self.crop_size, o : o + self.crop_size] = amap
             amap = canvas
-        t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+        amap = np.ascontiguousarray(amap, dtype=np.float32)
+        if not amap.flags.writeable:  # e.g. a zero-copy view of an Arrow / Ray object-store buffer
+            amap = amap.copy()
+        t = torch.from_numpy(amap)[None, None]
         return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 

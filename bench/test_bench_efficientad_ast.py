@@ -43,7 +43,7 @@ import pyad
 from pyad import training
 from pyad.backbones import Backbone
 from pyad.detectors import efficientad_ast as H
-from conftest import RESULTS, record, save
+from conftest import RESULTS, record_predict, save_training_and_predict
 
 HERE = Path(__file__).parent
 BOTTLE = HERE.parents[1] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -194,19 +194,11 @@ def test_predict(benchmark, trained, batch, impl):
     scores, _ = pyad_call()
     want, _ = thesis_predict(*ref, x, size)
     torch.testing.assert_close(scores, want, rtol=1e-3, atol=1e-5)  # same weights, same scores
-    group = f"EfficientAD-AST {name}, predict batch {batch}"
     call = pyad_call if impl == "pyad" else (lambda: thesis_predict(*ref, x, size))
-    record(benchmark, group, impl, call, rounds=5, warmup=2)
-    RESULTS.setdefault("eadast_predict", {}).setdefault(f"{name}/batch {batch}", {})[impl] = (
-        RESULTS[group][impl] * 1e3 / batch)
+    record_predict(benchmark, "eadast_predict", f"{name}/batch {batch}", impl, call, batch,
+                   f"EfficientAD-AST {name}, predict batch {batch}")
 
 
 def test_summary():
-    rows = {"training": RESULTS.get("eadast_training", {}),
-            "predict_ms_per_image": RESULTS.get("eadast_predict", {})}
-    for v in rows["predict_ms_per_image"].values():
-        if "pyad" in v and "thesis" in v:
-            v["speedup"] = v["thesis"] / v["pyad"]
-    save("efficientad_ast", rows)
-    print(rows)
+    rows = save_training_and_predict("efficientad_ast", "eadast_training", "eadast_predict", "thesis")
     assert all(math.isfinite(v.get("speedup", 1.0)) for v in rows["predict_ms_per_image"].values())

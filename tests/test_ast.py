@@ -13,26 +13,18 @@ import torch.nn.functional as F
 import pyad
 from pyad import training
 from pyad.detectors import ast as A
-from conftest import noisy_images
+from conftest import defect_images
 
 TINY = dict(backbone="resnet18", weights=None, layers=("layer2",), image_size=64, batch_size=4, teacher_hidden=8,
             student_hidden=8, student_blocks=1, pos_enc_dim=8, max_epochs=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one thread avoids synchronisation costs (3.5x faster on a busy 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    train, test = noisy_images(3, 64, 14, 4, 90, 160, 10)
-    test[2:, 16:40, 16:40] = 250
-    return train, test
+    return defect_images(3, 64, 14, 4, (16, 40))
 
 
 def _random_gammas(flow, seed=0):

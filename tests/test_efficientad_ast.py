@@ -16,25 +16,18 @@ import pyad
 from pyad import training
 from pyad.detectors import efficientad_ast as H
 from pyad.detectors.ast import FlowTeacher, Student, positional_encoding_2d
-from conftest import noisy_images
+from conftest import defect_images
 
 TINY = dict(backbone="resnet18", weights=None, layers=("layer2",), image_size=32, batch_size=4, teacher_hidden=8,
             student_hidden=8, student_blocks=1, pos_enc_dim=4, ae_width=4, teacher_epochs=1, max_epochs=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    train, test = noisy_images(5, 32, 14, 4, 90, 160, 10)
-    test[2:, 8:20, 8:20] = 250
-    return train, test
+    return defect_images(5, 32, 14, 4, (8, 20))
 
 
 @pytest.fixture(scope="module")

@@ -345,3 +345,40 @@ def test_restore_takes_read_only_maps():
     out = Preprocess(image_size=64).restore(amap, (40, 48))
     assert out.shape == (40, 48) and np.isfinite(out).all()
     np.testing.assert_array_equal(out, Preprocess(image_size=64).restore(amap.copy(), (40, 48)))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1", "I;16"])
+def test_fast_png_decoding_gives_pillows_pixels(tmp_path, monkeypatch, mode):
+    """8-bit grey / RGB / RGBA PNGs go through imagecodecs, the rest through Pillow;
+    either way the pixels are the ones Pillow decodes (prepare and read_image)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    im = {"L": lambda: Image.fromarray(a[..., 0]), "RGB": lambda: Image.fromarray(a[..., :3]),
+          "RGBA": lambda: Image.fromarray(a), "P": lambda: Image.fromarray(a[..., :3]).convert("P"),
+          "LA": lambda: Image.fromarray(a[..., :2], "LA"), "1": lambda: Image.fromarray(a[..., 0]).convert("1"),
+          "I;16": lambda: Image.fromarray(a[..., 0].astype(np.uint16) * 257)}[mode]()
+    path = tmp_path / f"x{mode.replace(';', '')}.png"
+    im.save(path)
+    fast_calls = []
+    real = images_mod._fast_png
+    monkeypatch.setattr(images_mod, "_fast_png", lambda i, p: fast_calls.append(real(i, p) is not i) or real(i, p))
+    pre = Preprocess(32)
+    fast = pre.prepare(path), read_image(path)
+    assert fast_calls == [mode in ("L", "RGB", "RGBA")] * 2  # decoded by imagecodecs, or left to Pillow
+    monkeypatch.setattr(images_mod, "imagecodecs", None)
+    slow = pre.prepare(path), read_image(path)
+    with Image.open(path) as ref:
+        want = np.asarray(ref.convert("RGB")) if mode != "I;16" else None
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+    if want is not None:
+        assert np.array_equal(fast[1], want)
+
+
+def test_fast_png_falls_back_on_a_damaged_file(tmp_path):
+    """A PNG that imagecodecs cannot decode (truncated) is reported by Pillow's error path."""
+    path = tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    for read in (read_image, Preprocess(32).prepare):
+        with pytest.raises(ValueError, match="cannot read .*bad.png"):
+            read(path)

@@ -12,26 +12,18 @@ import torch.nn.functional as F
 import pyad
 from pyad import training
 from pyad.detectors import uninformed_students as U
-from conftest import noisy_images
+from conftest import defect_images
 
 TINY = dict(teachers="random", patch_sizes=(17, 33), n_students=2, width=4, dim=8, image_size=40, batch_size=2,
             max_epochs=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one thread avoids synchronisation costs (3.5x faster on a busy 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    train, test = noisy_images(5, 40, 12, 4, 90, 160, 10)
-    test[2:, 12:28, 12:28] = 250
-    return train, test
+    return defect_images(5, 40, 12, 4, (12, 28))
 
 
 def _net(p, seed=0, width=4, dim=8):

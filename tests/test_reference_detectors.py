@@ -1,6 +1,8 @@
 """Each detector against a small independent implementation of its paper /
 official code, on the same random-init backbone: scores agree to 1e-4."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -103,10 +105,19 @@ def test_padim_matches_dense_inverse_covariance(data):
     np.testing.assert_allclose(pred.maps, want, rtol=1e-4, atol=1e-4 * want.max())
 
 
-def test_spade_matches_brute_force(data):
+@pytest.mark.parametrize("k_pixels", [1, 3])
+@pytest.mark.parametrize("twin", [False, True])
+def test_spade_matches_brute_force(data, monkeypatch, k_pixels, twin):
+    """Both searches (faiss over the gallery one image at a time here, so the κ smallest
+    are merged across calls; and the exportable torch twin) against cdist."""
+    from pyad.detectors import spade
+    from pyad.ops import portable
+
+    monkeypatch.setattr(spade.SPADEHead, "_GALLERY_BYTES", 1)
     train, test = data
-    det = SPADE(backbone="resnet18", k_images=4, **COMMON).fit(train)
-    pred = det.predict(test)
+    det = SPADE(backbone="resnet18", k_images=4, k_pixels=k_pixels, **COMMON).fit(train)
+    with portable() if twin else contextlib.nullcontext():
+        pred = det.predict(test)
     layers = ("layer1", "layer2", "layer3")
     ftr = features("resnet18", layers + ("layer4",), train)
     fte = features("resnet18", layers + ("layer4",), test)
@@ -124,7 +135,8 @@ def test_spade_matches_brute_force(data):
     maps = []
     for i in range(len(test)):
         gallery = p_tr[knn.indices[i]].reshape(-1, p_tr.shape[-1])
-        maps.append(torch.cdist(p_te[i].reshape(-1, p_te.shape[-1]), gallery).square().min(1).values.reshape(p_te.shape[1:3]))
+        d2 = torch.cdist(p_te[i].reshape(-1, p_te.shape[-1]), gallery).square()
+        maps.append(d2.topk(k_pixels, 1, largest=False).values.mean(1).reshape(p_te.shape[1:3]))
     full = blur_upsample(torch.stack(maps).numpy(), 56)
     pre = Preprocess(64, 56)
     want = np.stack([pre.restore(m.astype(np.float32), (72, 72)) for m in full])

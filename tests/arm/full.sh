@@ -71,7 +71,8 @@ fi
 # --- wheels (host side: pip download for the target platform, no resolution) -------------
 mkdir -p "$cache/wheels"
 req=$root/tests/arm/requirements.txt
-stamp=$cache/wheels/.complete-$(sha256sum "$req" | cut -c1-16)
+late=$root/tests/arm/requirements-run.txt   # installed per run (see that file)
+stamp=$cache/wheels/.complete-$(cat "$req" "$late" | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   t0=$SECONDS
   pip=(python3 -m pip)
@@ -81,7 +82,7 @@ if [ ! -e "$stamp" ]; then
   "${pip[@]}" download -q --no-deps --only-binary=:all: -d "$cache/wheels" \
     --platform manylinux_2_36_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
     --platform manylinux_2_17_aarch64 --platform linux_aarch64 \
-    --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none -r "$req"
+    --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none -r "$req" -r "$late"
   touch "$stamp"
   lap "wheels" $t0
 fi
@@ -159,6 +160,7 @@ in_chroot "$run/rootfs" nice -n 10 bash -euo pipefail -c '
   say() { printf "[arm %(%H:%M:%S)T] %s\n" -1 "$*"; }
   cd /src
   uname -m | grep -qx aarch64
+  pip install -q --no-index --find-links /wheels -r tests/arm/requirements-run.txt
   t0=$SECONDS
   pip install -q --no-index --no-build-isolation --no-deps .
   say "pip install . (compiles _core with the aarch64 g++): $((SECONDS - t0)) s"

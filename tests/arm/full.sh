@@ -171,7 +171,14 @@ sys.exit(0 if i[\"isa\"] == \"neon\" and i[\"backend\"] == \"native\" else \"pya
   say "pyad info reports neon"
   cd /src
   tests=("$@")
-  for f in '"${OPTIONAL[*]}"'; do [ -e "$f" ] && tests+=("$f"); done
+  # ONNX Runtime'"'"'s aarch64 wheel segfaults while loading under qemu-user (seen with 1.32.0:
+  # inside onnxruntime/capi/_pybind_state.py); a crash in a probe process, not in pytest,
+  # drops the ONNX part with a message instead of taking the run down
+  if python3 -c "import onnxruntime" 2>/dev/null; then
+    for f in '"${OPTIONAL[*]}"'; do [ -e "$f" ] && tests+=("$f"); done
+  else
+    say "onnxruntime does not load under this emulator (exit $?): tests/test_export.py not run"
+  fi
   say "pytest ${tests[*]}"
   t0=$SECONDS
   pytest -p no:cacheprovider -q -rs --durations=10 -k "'"$SELECT"'" "${tests[@]}"

@@ -159,3 +159,21 @@ def test_padim_feature_rule_and_memory_budget(data):
     big = pyad.PaDiM(backbone="resnet50", memory_budget_gb=0.001, **SMALL)
     with pytest.raises(ValueError, match="memory_budget_gb"):
         big.fit(train)
+
+
+def test_predict_maps_one_block_or_a_list_per_size(data):
+    """``predict`` writes same-sized maps into one [N, H, W] array (each equal to the
+    streamed one) and returns a list, each map at its image's size, when sizes differ."""
+    train, test = data
+    det = pyad.PaDiM(backbone="resnet18", **SMALL).fit(train)
+    streamed = [s.map for s in det.predict_iter(list(test))]
+    same = det.predict(list(test))
+    assert isinstance(same.maps, np.ndarray) and same.maps.shape == (3, 64, 64)
+    for got, want in zip(same.maps, streamed):
+        np.testing.assert_array_equal(got, want)
+    big = np.repeat(np.repeat(test[0], 2, 0), 2, 1)  # 128 x 128
+    mixed = det.predict([test[0], big, test[1]])
+    assert isinstance(mixed.maps, list) and [m.shape for m in mixed.maps] == [(64, 64), (128, 128), (64, 64)]
+    np.testing.assert_array_equal(mixed.maps[0], streamed[0])
+    np.testing.assert_array_equal(mixed.maps[2], streamed[1])
+    assert det.predict(list(test), maps="none").maps is None

@@ -147,7 +147,7 @@ def release_heap() -> None:
         import ctypes
 
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc (CDLL(None) is a TypeError on Windows)
         pass
 
 

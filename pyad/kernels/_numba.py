@@ -11,7 +11,8 @@ import numpy as np
 
 _MODES = {"avg": 0, "max": 1, "avgmax": 2, "unfold": 3}
 # float16 -> float32 for every bit pattern: numba has no half arithmetic.
-_HALF = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # the NaN codes: aarch64 flags their conversion (found under qemu)
+    _HALF = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 _jit = numba.njit(cache=True, nogil=True)
 _pjit = numba.njit(cache=True, nogil=True, parallel=True)

@@ -12,13 +12,14 @@ tight when the bank's variance lies in ``dim`` directions (patch features do). S
 the K + 1 smallest bounds per query in the (dim+1)-space (faiss, 1024/129 ≈ 8× less
 arithmetic than the full search), exact distances of the K best candidates, and the
 query is done when its (K+1)-th bound is above the best exact distance. Otherwise —
-rarely (WRN50 10% bank on bottle: 1% of queries) — that query is searched
-exhaustively, by one torch GEMM over the bank for all such queries together (faiss
-scans the bank once per query below 20 queries: 17 ms for 8 queries of a 21,401 x
-1,024 bank, against 3 ms). Costs are per pair of query and bank vector, not per
-flop: faiss's top-k bookkeeping over the 1,024 x 21,401 bounds takes 44 ms at any
-projected dimension from 48 to 129, so ``dim`` = 128 (the fewest fallbacks) is free. The result equals the exhaustive
-search up to float32 rounding (ties may pick another index at the same distance).
+rarely (WRN50 10% bank on bottle: 1% of queries) — it gets a second look at 8× the
+candidates, and only then an exhaustive search, one torch GEMM over the bank for all
+such queries together (faiss scans the bank once per query below 20 queries: 17 ms
+for 8 queries of a 21,401 x 1,024 bank, against 3 ms). Costs are per pair of query
+and bank vector, not per flop: faiss's top-k bookkeeping over the 1,024 x 21,401
+bounds takes 44 ms at any projected dimension from 48 to 129, so ``dim`` = 128 (the
+fewest second looks) is free. The result equals the exhaustive search up to float32
+rounding (ties may pick another index at the same distance).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ class BoundedIndex:
         self.bank_scale = float(np.einsum("ij,ij->i", x, x).max())  # for the rounding margin
         self.full = faiss.IndexFlatL2(bank.shape[1])
         self.full.add(bank)
-        self._norms = np.einsum("ij,ij->i", bank, bank)
         self.second_looks = 0  # queries that needed 8x the candidates (for the benchmarks)
         self.fallbacks = 0  # queries that needed the exhaustive search
         self._lock = threading.Lock()
@@ -94,16 +94,15 @@ class BoundedIndex:
         return dist, idx, lb[:, n_cand] < dist[:, -1] + margin
 
     def _exhaustive(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest bank vectors of a few queries: the k + 8 smallest of
-        ‖q‖² − 2q·b + ‖b‖² (one GEMM), re-ranked by their exact distances (the GEMM's
-        cancellation error is relative to the norms, not to the distance)."""
+        """The k nearest bank vectors of a few queries: the k + 8 nearest by
+        ``ops.knn`` (one chunked GEMM for all of them), re-ranked by their exact
+        distances (the GEMM's cancellation error is relative to the norms)."""
         import torch
 
-        qt = torch.from_numpy(np.ascontiguousarray(q))
-        d = torch.addmm(torch.from_numpy(self._norms)[None], qt, torch.from_numpy(self.bank).T, alpha=-2.0)
-        d.add_((qt * qt).sum(1, keepdim=True))
-        cand = torch.topk(d, min(k + 8, d.shape[1]), dim=1, largest=False).indices.numpy()
-        return self._rerank(np.ascontiguousarray(q), np.ascontiguousarray(cand), k)
+        from .ops import knn
+
+        _, cand = knn(torch.from_numpy(q), torch.from_numpy(self.bank), min(k + 8, len(self.bank)))
+        return self._rerank(np.ascontiguousarray(q), np.ascontiguousarray(cand.numpy()), k)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(exact squared distances [N, k], indices [N, k]) of the k nearest of each

@@ -2,10 +2,11 @@
 official code xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master).
 
 Fitting is BLAS work (batched outer products in float32 summed in float64,
-batched Cholesky in float64) done by torch on every core, streamed: ``GaussianAccumulator`` holds one batch plus O(P·d²)
-statistics. Scoring is the compiled kernel: the precision is never formed;
-each position stores A = L⁻¹ (Σ = L Lᵀ, so Σ⁻¹ = AᵀA) packed row by row as its
-d(d+1)/2 lower-triangular values, in float32 or float16.
+batched Cholesky in float64) done by torch on every core, streamed:
+``GaussianAccumulator`` holds one batch plus O(P·d²) statistics. Scoring is
+the compiled kernel: the precision is never formed; each position stores
+A = L⁻¹ (Σ = L Lᵀ, so Σ⁻¹ = AᵀA) packed row by row as its d(d+1)/2
+lower-triangular values, in float32 or float16.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class GaussianAccumulator:
     Holds shifted sums in float64 (shift K = the first batch's mean): S1 = Σ(x-K)
     and the packed S2 = Σ(x-K)(x-K)ᵀ, so mean = K + S1/n and scatter = S2 - S1S1ᵀ/n
     with little cancellation (K is close to the mean). Each batch costs one float32
-    GEMM per position; the result equals the one-shot sample covariance whatever
+    GEMM per position (torch, batched), its sums added to the float64 totals; the result equals the one-shot sample covariance whatever
     the batching (tested). ``merge`` combines two accumulators (Chan et al.).
     """
 

@@ -83,7 +83,8 @@ class GaussianAccumulator:
     and the packed S2 = Σ(x-K)(x-K)ᵀ, so mean = K + S1/n and scatter = S2 - S1S1ᵀ/n
     with little cancellation (K is close to the mean). Each batch costs one float32
     GEMM per position (torch, batched), its sums added to the float64 totals; the
-    result equals the one-shot sample covariance whatever the batching (tested). ``merge`` combines two accumulators (Chan et al.).
+    result equals the one-shot sample covariance whatever the batching (tested).
+    ``merge`` combines two accumulators (Chan et al.).
     """
 
     def __init__(self, eps: float = 0.01, dtype: str = "float32"):

@@ -65,10 +65,16 @@ def machine_bounds() -> dict[str, float]:
     x = np.ones(256 << 20, np.float32)
     _core.stream_sum(x)
     best = min(_timeit(lambda: _core.stream_sum(x)) for _ in range(10))
+    return {"read_bandwidth_GBps": x.nbytes / best / 1e9, "sgemm_GFLOPs": sgemm_gflops()}
+
+
+def sgemm_gflops() -> float:
+    """This machine's float32 GEMM rate: torch, 4096², best of 3 (the bound of the
+    benchmarks' arithmetic floors; also used by bench/profile_fit.py, spade_bound.py)."""
     a = torch.rand(4096, 4096)
     a @ a
     gemm = min(_timeit(lambda: a @ a) for _ in range(3))
-    return {"read_bandwidth_GBps": x.nbytes / best / 1e9, "sgemm_GFLOPs": 2 * 4096**3 / gemm / 1e9}
+    return 2 * 4096**3 / gemm / 1e9
 
 
 def _timeit(fn) -> float:

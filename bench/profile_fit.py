@@ -25,6 +25,7 @@ from pyad import images as imgs
 from pyad.backbones import Backbone
 from pyad import kernels as K
 from pyad.detectors import padim, patchcore
+from conftest import sgemm_gflops
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle" / "train" / "good"
 CONFIGS = {
@@ -72,28 +73,32 @@ def serial_batches(items, size, pre, **kw):
         yield [imgs.Loaded(i, str(items[i]), pre.prepare(items[i]), None) for i in range(s, min(s + size, len(items)))]
 
 
+# (owner, attribute, stage): what the instrumented fit times
+STAGES = [
+    (imgs, "_fast_png", "decode (PNG)"),
+    (imgs.Preprocess, "prepare", "resize (bilinear, uint8)"),
+    (imgs.Preprocess, "to_tensor", "normalise"),
+    (Backbone, "forward", "backbone (BatchNorm folded, channels-last)"),
+    (padim.PaDiMEmbed, "forward", "embedding (layer subset, upsampling)"),
+    (patchcore.PatchCoreEmbed, "forward", "embedding (3x3 pooling, channel pooling)"),
+    (padim.PaDiM, "_collect", "collect (buffer copies)"),
+    (patchcore.PatchCore, "_collect", "collect (bank parts)"),
+    (K.GaussianAccumulator, "update", "Gaussian update (batched GEMM)"),
+    (K.GaussianAccumulator, "finalize", "Gaussian solve (Cholesky, inverse, held-out downdate)"),
+    (padim.PaDiMHead, "to_map", "validation maps (upsample, blur)"),
+    (K, "random_projection", "random projection (to 128)"),
+    (patchcore.PatchCore, "_approximate_start", "coreset start (10 random points)"),
+    (K, "greedy_coreset", "greedy coreset"),
+    (patchcore, "validation_from", "validation scoring (nearest neighbours, maps)"),
+    (patchcore.PatchCore, "_gather", "gather (selected rows)"),
+    (patchcore.NearestNeighbours, "__call__", "continuation start (nearest neighbours)"),
+    (pyad.detectors.base.Detector, "_learn_thresholds", "thresholds (from validation scores)"),
+]
+
+
 def instrumented(name: str, params: dict) -> dict:
     prof = Profile()
-    undo = [
-        prof.wrap(imgs, "_fast_png", "decode (PNG)"),
-        prof.wrap(imgs.Preprocess, "prepare", "resize (bilinear, uint8)"),
-        prof.wrap(imgs.Preprocess, "to_tensor", "normalise"),
-        prof.wrap(Backbone, "forward", "backbone (BatchNorm folded, channels-last)"),
-        prof.wrap(padim.PaDiMEmbed, "forward", "embedding (layer subset, upsampling)"),
-        prof.wrap(patchcore.PatchCoreEmbed, "forward", "embedding (3x3 pooling, channel pooling)"),
-        prof.wrap(padim.PaDiM, "_collect", "collect (buffer copies)"),
-        prof.wrap(patchcore.PatchCore, "_collect", "collect (bank parts)"),
-        prof.wrap(K.GaussianAccumulator, "update", "Gaussian update (batched GEMM)"),
-        prof.wrap(K.GaussianAccumulator, "finalize", "Gaussian solve (Cholesky, inverse, held-out downdate)"),
-        prof.wrap(padim.PaDiMHead, "to_map", "validation maps (upsample, blur)"),
-        prof.wrap(K, "random_projection", "random projection (to 128)"),
-        prof.wrap(patchcore.PatchCore, "_approximate_start", "coreset start (10 random points)"),
-        prof.wrap(patchcore.K, "greedy_coreset", "greedy coreset"),
-        prof.wrap(patchcore, "validation_from", "validation scoring (nearest neighbours, maps)"),
-        prof.wrap(patchcore.PatchCore, "_gather", "gather (selected rows)"),
-        prof.wrap(patchcore.NearestNeighbours, "__call__", "continuation start (nearest neighbours)"),
-        prof.wrap(pyad.detectors.base.Detector, "_learn_thresholds", "thresholds (from validation scores)"),
-    ]
+    undo = [prof.wrap(*stage) for stage in STAGES]
     saved_loader = imgs.load_batches
     imgs.load_batches = serial_batches
     try:
@@ -127,20 +132,6 @@ def backbone_gflop(name: str, params: dict) -> float:
     for h in handles:
         h.remove()
     return sum(flops) / 1e9
-
-
-def sgemm_gflops() -> float:
-    """This machine's float32 GEMM rate (torch, 4096², best of 3)."""
-    a = torch.rand(4096, 4096)
-    a @ a
-    best = min(_timed(lambda: a @ a) for _ in range(3))
-    return 2 * 4096**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def plain(name: str, params: dict) -> tuple[float, float]:

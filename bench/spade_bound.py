@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import pyad
+from conftest import sgemm_gflops
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1] / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -30,17 +31,6 @@ CONFIGS = {
     "mobilenet_v2": (dict(backbone="mobilenet_v2", weights=str(MNV2) if MNV2.is_file() else None), 5),
     "wide_resnet50_2": (dict(backbone="wide_resnet50_2", weights=None), 2),
 }
-
-
-def sgemm_gflops() -> float:
-    a = torch.rand(4096, 4096)
-    a @ a
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4096**3 / best / 1e9
 
 
 def main() -> None:

@@ -10,10 +10,12 @@ taps ``features.N`` and also answers to ``layer1``..``layer4`` (strides 4, 8, 16
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,21 @@ NAMES = tuple(URLS) + (
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CPU_AUTOCAST: contextvars.ContextVar = contextvars.ContextVar("pyad_cpu_backbone_autocast", default=None)
+
+
+@contextmanager
+def cpu_autocast(dtype: torch.dtype):
+    """Within (this thread): ``Backbone.forward`` on CPU tensors runs under CPU
+    autocast in ``dtype`` and returns float32 taps, so only the backbone's
+    convolutions are reduced (the frozen-feature detectors' ``precision="bfloat16"``
+    on the CPU); everything after it stays float32. Exporting is not affected."""
+    token = _CPU_AUTOCAST.set(dtype)
+    try:
+        yield
+    finally:
+        _CPU_AUTOCAST.reset(token)
 
 
 # --- ResNet (torchvision.models.resnet, v1.5: stride on the 3x3 conv) -------
@@ -310,6 +327,14 @@ class Backbone(nn.Module):
         return cache[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = _CPU_AUTOCAST.get()
+        if dtype is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            with torch.autocast("cpu", dtype=dtype):
+                out = self._taps(x)
+            return {k: v.float() for k, v in out.items()}
+        return self._taps(x)
+
+    def _taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -177,3 +177,37 @@ def test_predict_maps_one_block_or_a_list_per_size(data):
     np.testing.assert_array_equal(mixed.maps[0], streamed[0])
     np.testing.assert_array_equal(mixed.maps[2], streamed[1])
     assert det.predict(list(test), maps="none").maps is None
+
+
+@pytest.mark.parametrize("name", ["PaDiM", "PatchCore", "SPADE"])
+def test_cpu_bfloat16_reduces_the_backbone_only(data, name):
+    """precision="bfloat16" on the CPU: the backbone's convolutions run in bfloat16
+    (its taps differ from float32 at bfloat16's resolution), everything after it in
+    float32 (heads and maps are float32), and scores stay close to float32's; the
+    trained detectors refuse it on the CPU, float16 is refused on the CPU."""
+    import torch
+    from pyad.backbones import cpu_autocast
+
+    train, test = data
+    kw = dict(backbone="resnet18", **SMALL)
+    ref = getattr(pyad, name)(**kw).fit(train)
+    det = getattr(pyad, name)(precision="bfloat16", **kw).fit(train)
+    net = det._network()
+    x = det.preprocessing(list(test))
+    with torch.inference_mode():
+        want = net(x)
+        with cpu_autocast(torch.bfloat16):
+            got = net(x)
+    for k in want:
+        assert got[k].dtype == torch.float32
+        rel = float((got[k] - want[k]).abs().max() / want[k].abs().max())
+        assert 1e-5 < rel < 0.05, (k, rel)  # reduced (not float32), within bfloat16's few significant bits
+    a, b = ref.predict(list(test)), det.predict(list(test))
+    assert b.maps.dtype == np.float32 and np.isfinite(b.maps).all()
+    np.testing.assert_allclose(b.scores, a.scores, rtol=0.05)
+    assert not np.array_equal(b.scores, a.scores)  # predict ran the reduced backbone too
+    assert np.argmax(b.scores) == np.argmax(a.scores)
+    with pytest.raises(ValueError, match="precision"):
+        getattr(pyad, name)(precision="float16", **kw).fit(train)
+    with pytest.raises(ValueError, match="precision: 'bfloat16' on the CPU"):
+        pyad.AutoEncoder(precision="bfloat16", image_size=64).fit(train)

@@ -127,6 +127,8 @@ class Detector:
     defaults: ClassVar[dict] = {}  # this detector's defaults for group parameters
     # parameters that may change on a fitted detector (they do not touch learned state)
     runtime_params: ClassVar[frozenset] = frozenset({"device", "batch_size", "precision"})
+    # precision="bfloat16" on the CPU: the backbone under CPU autocast (frozen-feature family)
+    cpu_bfloat16: ClassVar[bool] = False
     _signature: ClassVar[inspect.Signature]
 
     def __init_subclass__(cls, **kwargs):
@@ -202,6 +204,11 @@ class Detector:
     def _check_params(self) -> None:
         for group in self.groups:
             group.of(self).check()
+        if getattr(self, "precision", "float32") == "bfloat16" and not str(self.device).startswith("cuda") \
+                and not self.cpu_bfloat16:
+            raise ValueError(f"precision: 'bfloat16' on the CPU reduces the frozen-feature detectors' backbone "
+                             f"(PatchCore, PaDiM, SPADE); {type(self).__name__} runs it on CUDA only (device='cuda'), "
+                             "or use det.quantize(calibration_images) for int8")
         self._check_own_params()
 
     def is_fitted(self) -> bool:
@@ -563,7 +570,8 @@ _CLOCK = threading.local()
 
 def _autocast(det: Detector):
     """CUDA autocast for ``precision="float16"`` / ``"bfloat16"`` (ops keep distances
-    and maps in float32); nothing otherwise."""
+    and maps in float32); on the CPU, ``"bfloat16"`` for the backbone only
+    (``backbones.cpu_autocast``); nothing for float32."""
     import contextlib
 
     precision = getattr(det, "precision", "float32")
@@ -572,6 +580,10 @@ def _autocast(det: Detector):
     from .settings import check_precision
 
     check_precision(precision, det.device)
+    if not str(det.device).startswith("cuda"):
+        from ..backbones import cpu_autocast
+
+        return cpu_autocast(torch.bfloat16)
     return torch.autocast(device_type="cuda", dtype=torch.float16 if precision == "float16" else torch.bfloat16)
 
 

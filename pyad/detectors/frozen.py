@@ -22,12 +22,13 @@ from .. import _progress
 from .. import images as imgs
 from .. import training
 from ..backbones import Backbone, resolve_weights
-from .base import Detector, Validation
+from .base import Detector, Validation, _autocast
 from .settings import BackboneSettings, Preprocessing, Runtime, Thresholds
 
 
 class FrozenFeatureDetector(Detector):
     groups = (BackboneSettings, Preprocessing, Runtime, Thresholds)
+    cpu_bfloat16 = True
 
     # -- the backbone ---------------------------------------------------------------------------------
     def _backbone_layers(self) -> tuple[str, ...]:
@@ -107,7 +108,7 @@ class FrozenFeatureDetector(Detector):
         seen = 0
         for batch in imgs.load_batches(everything, self.batch_size, pre):
             x = pre.to_tensor([b.pixels for b in batch]).to(self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(self):  # embedded exactly as predict embeds
                 emb = _cpu(embed(x))  # collected on the host (banks, accumulators are host arrays)
             held = np.array([seen + i >= len(items) for i in range(len(batch))])
             self._collect(emb, held)

@@ -91,7 +91,10 @@ class Runtime(Group):
     """device: "cpu", "cuda" or "cuda:N"; batch_size: images per forward pass;
     seed: random init, data order and the validation split; precision: inference
     arithmetic, "float32", or "float16" / "bfloat16" (CUDA autocast; distances and
-    maps stay float32; on the CPU use ``det.quantize`` for int8)."""
+    maps stay float32); on the CPU "bfloat16" runs the frozen-feature detectors'
+    backbone (fit and predict) under CPU autocast, everything after it in float32
+    (fast where the CPU has bfloat16 dot products: AVX512-BF16, AMX, Arm BF16), and
+    ``det.quantize`` gives int8."""
 
     device: str = "cpu"
     batch_size: int = 8
@@ -117,9 +120,9 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 
 def check_precision(precision, device) -> None:
     check(precision in PRECISIONS, "precision", f"one of {PRECISIONS}", precision)
-    if precision != "float32" and not str(device).startswith("cuda"):
-        raise ValueError(f"precision: {precision!r} runs on CUDA only (device='cuda'); on the CPU use "
-                         "det.quantize(calibration_images) for int8")
+    if precision == "float16" and not str(device).startswith("cuda"):
+        raise ValueError("precision: 'float16' runs on CUDA only (device='cuda'); on the CPU use 'bfloat16' "
+                         "or det.quantize(calibration_images) for int8")
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,14 @@ threads=${PYAD_ARM_THREADS:-2}
 qemu_cpu=${PYAD_ARM_CPU:-cortex-a72}
 
 # The subset: the kernels against their NumPy spec (NEON and scalar, numba twins), the
-# backend selection, the model-file format; every registered detector fitted once on tiny
+# backend selection, the model-file format, image decoding (the PNG row kernel against
+# Pillow); every registered detector fitted once on tiny
 # images, predict, save/load and the exported (pure torch) path (tests/arm/test_smoke.py);
 # where the package has them (pyad/export.py, tests/test_export.py), ONNX Runtime
 # against torch and the int8 path for one detector of each kind (memory bank, Gaussian,
 # trained network). Emulation costs 10-50x: the rest of the suite runs on x86 only.
 SUBSET=(tests/test_gaussian.py tests/test_coreset.py tests/test_pooling.py tests/test_backend.py
-        tests/test_modelfile.py tests/arm/test_smoke.py)
+        tests/test_modelfile.py tests/test_images.py tests/arm/test_smoke.py)
 OPTIONAL=(tests/test_export.py)
 SELECT="not test_export or ((test_onnx_predict_equals_torch_predict or test_int8_every_detector) and (patchcore or padim or autoencoder))"
 

@@ -249,8 +249,13 @@ def _quiet():
 
 # -- stages of the nodes ---------------------------------------------------------------------------------
 def _pyad_frames(frames) -> tuple:
-    """(file, line) of the pyad frames of a stack, outermost first."""
-    return tuple((f, n) for f, n in frames if f.startswith(_HERE) and f != _SELF)
+    """(file, line) of the pyad ``forward`` frames of a stack of (file, line, function),
+    outermost first. The exporter's stack traces keep only frames of functions named
+    ``forward`` (torch/fx/proxy.py ``TracerBase._filter_traceback_frames`` with
+    ``_record_forward_stack_traces_only``, set by the non-strict export's tracer): a
+    helper's frame (``Backbone._taps``, ``efficientnet.features``, PaDiM's ``to_map``)
+    is in the recorded stack but not in the node's, so both keep the same frames."""
+    return tuple((f, n) for f, n, name in frames if name == "forward" and f.startswith(_HERE) and f != _SELF)
 
 
 def _record_stages(module: nn.Module, x: torch.Tensor) -> list[tuple[str, set]]:
@@ -270,7 +275,7 @@ def _record_stages(module: nn.Module, x: torch.Tensor) -> list[tuple[str, set]]:
         def __torch_function__(self, func, types, args=(), kwargs=None):
             frames, f = [], sys._getframe(1)
             while f is not None and f is not top:
-                frames.append((f.f_code.co_filename, f.f_lineno))
+                frames.append((f.f_code.co_filename, f.f_lineno, f.f_code.co_name))
                 f = f.f_back
             pending.add(_pyad_frames(reversed(frames)))
             return func(*args, **(kwargs or {}))
@@ -282,7 +287,7 @@ def _record_stages(module: nn.Module, x: torch.Tensor) -> list[tuple[str, set]]:
     return stages
 
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 def _label_stages(model, recorded: list[tuple[str, set]]) -> list[str]:
@@ -300,7 +305,7 @@ def _label_stages(model, recorded: list[tuple[str, set]]) -> list[str]:
     labels = {}
     for node in model.graph.node:
         trace = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
-        key = _pyad_frames((f, int(n)) for f, n in _FRAME.findall(trace))
+        key = _pyad_frames((f, int(n), name) for f, n, name in _FRAME.findall(trace))
         while key and key not in lookup:
             key = key[:-1]
         if key:

@@ -22,8 +22,9 @@ import onnx  # noqa: E402
 
 import pyad  # noqa: E402
 from pyad import export as E  # noqa: E402
+from pyad.detectors import REGISTRY  # noqa: E402
 from pyad.ops import portable  # noqa: E402
-from test_detectors import CONFIGS, contract_data, fitted_detector  # noqa: E402
+from test_detectors import CONFIGS, contract_data, fit, fitted_detector  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5  # ATOL relative to the largest map value
 # Scores scaled by a fitted range amplify float32 rounding by 1/range: GANomaly
@@ -160,6 +161,22 @@ def test_save_load_and_stage_times(pairs, data, tmp_path):
     fp = back.footprint()
     assert fp["state"]["memory_bank"] == list(det.memory_bank_.shape)
     assert fp["weights_bytes_per_stage"]["search"] >= det.memory_bank_.nbytes
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_stage_labels_of_the_convolutions(name, backbone, data, tmp_path):
+    """Every convolution of the backbone is in the "backbone" stage and the blur's two
+    in "map" (the per-stage sessions time them there). The backbone runs from helpers
+    (``Backbone._taps``, ``efficientnet.features``) and PaDiM's blur from ``to_map``: frames
+    the exporter's stack traces leave out, which left those nodes in the embedding and
+    search stages."""
+    det = fit(REGISTRY[name](**{**CONFIGS[name][0], "backbone": backbone}), data[0])
+    model = onnx.load(det.export(tmp_path / "m.onnx"))
+    convs = [next(p.value for p in n.metadata_props if p.key == "pyad.stage") for n in model.graph.node
+             if n.op_type == "Conv"]
+    layers = sum(isinstance(m, torch.nn.Conv2d) for m in det._network().modules())
+    assert sorted(convs) == ["backbone"] * layers + ["map"] * 2
 
 
 def test_calibrate_and_save_keep_thresholds(pairs, data, tmp_path):

@@ -65,10 +65,13 @@ def official_patchcore_embed(feats, layers, d=1024):
     return F.adaptive_avg_pool1d(stacked, d)[:, 0].reshape(-1, *ref, d)
 
 
-def test_patchcore_matches_official_pipeline(data):
+@pytest.mark.parametrize("layers", [("layer2", "layer3"), ("layer1", "layer2", "layer3")])
+def test_patchcore_matches_official_pipeline(data, layers):
+    """Two layers: the Aggregator's average taken per layer before upsampling (1024 is
+    a multiple of 2); three: over the concatenation (1024 is not a multiple of 3)."""
     train, test = data
-    layers = ("layer2", "layer3")
-    det = PatchCore(backbone="resnet18", coreset_ratio=1.0, **COMMON).fit(train)
+    det = PatchCore(backbone="resnet18", coreset_ratio=1.0, layers=layers, **COMMON).fit(train)
+    assert (det.inference_module().embed.per_layer is not None) == (len(layers) == 2)
     pred = det.predict(test)
     bank = official_patchcore_embed(features("resnet18", layers, train), layers).reshape(-1, 1024)
     q = official_patchcore_embed(features("resnet18", layers, test), layers)

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("detector")
     ap.add_argument("--params", default="{}", help="JSON of detector parameters")
     ap.add_argument("--stage-images", type=int, default=5)
+    ap.add_argument("--scores", action="store_true", help="also print the test images' scores")
     args = ap.parse_args()
     torch.set_num_threads(pyad.info()["threads"])
     det = getattr(pyad, args.detector)(**json.loads(args.params))
@@ -61,6 +62,8 @@ def main() -> None:
         "image_auroc": image_auroc(labels, pred.scores),
         "pixel_auroc": pixel_auroc(masks, pred.maps),
     }
+    if args.scores:
+        out["scores"] = [float(v) for v in pred.scores]
     det.set_params(batch_size=1)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in test[: args.stage_images]]
     stages: dict[str, float] = {}

@@ -2,6 +2,8 @@
 the lightweight study (Baßler's thesis §3.5), the approximate index, the paper's reweighting, PaDiM's float16
 factor, and the coreset selection PatchCore performs."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -180,7 +182,7 @@ def test_predict_maps_one_block_or_a_list_per_size(data):
 
 
 @pytest.mark.parametrize("name", ["PaDiM", "PatchCore", "SPADE"])
-def test_cpu_bfloat16_reduces_the_backbone_only(data, name):
+def test_cpu_bfloat16_reduces_the_backbone_only(data, name, monkeypatch):
     """precision="bfloat16" on the CPU: the backbone's convolutions run in bfloat16
     (its taps differ from float32 at bfloat16's resolution), everything after it in
     float32 (heads and maps are float32), and scores stay close to float32's; the
@@ -188,10 +190,16 @@ def test_cpu_bfloat16_reduces_the_backbone_only(data, name):
     import torch
     from pyad.backbones import cpu_autocast
 
+    from pyad.backbones import cpu_has_bfloat16
+
     train, test = data
     kw = dict(backbone="resnet18", **SMALL)
     ref = getattr(pyad, name)(**kw).fit(train)
-    det = getattr(pyad, name)(precision="bfloat16", **kw).fit(train)
+    with warnings.catch_warnings(record=True) as caught:  # native or not, the results are the same
+        warnings.simplefilter("always")
+        det = getattr(pyad, name)(precision="bfloat16", **kw).fit(train)
+    slow = [w for w in caught if "no native bfloat16" in str(w.message)]
+    assert bool(slow) == (not cpu_has_bfloat16()), [str(w.message) for w in caught]
     net = det._network()
     x = det.preprocessing(list(test))
     with torch.inference_mode():
@@ -211,3 +219,8 @@ def test_cpu_bfloat16_reduces_the_backbone_only(data, name):
         getattr(pyad, name)(precision="float16", **kw).fit(train)
     with pytest.raises(ValueError, match="precision: 'bfloat16' on the CPU"):
         pyad.AutoEncoder(precision="bfloat16", image_size=64).fit(train)
+    from pyad import backbones
+
+    monkeypatch.setattr(backbones, "cpu_has_bfloat16", lambda: False)  # a CPU without bfloat16 units
+    with pytest.warns(RuntimeWarning, match="precision='bfloat16': this CPU has no native bfloat16"):
+        getattr(pyad, name)(precision="bfloat16", **kw)._check_params()

@@ -30,6 +30,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
@@ -209,6 +210,13 @@ class Detector:
             raise ValueError(f"precision: 'bfloat16' on the CPU reduces the frozen-feature detectors' backbone "
                              f"(PatchCore, PaDiM, SPADE); {type(self).__name__} runs it on CUDA only (device='cuda'), "
                              "or use det.quantize(calibration_images) for int8")
+        if getattr(self, "precision", "float32") == "bfloat16" and not str(self.device).startswith("cuda"):
+            from ..backbones import cpu_has_bfloat16
+
+            if not cpu_has_bfloat16():
+                warnings.warn("precision='bfloat16': this CPU has no native bfloat16 convolutions, so the backbone "
+                              "runs several times slower than in float32 (same accuracy); use 'float32' here",
+                              RuntimeWarning, stacklevel=3)
         self._check_own_params()
 
     def is_fitted(self) -> bool:

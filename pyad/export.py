@@ -3,7 +3,7 @@
 One inference path. ``det.export("model.onnx")`` exports the detector's own
 inference module (``Detector.inference_module``: preprocessed [B, 3, S, S] float32
 in, scores [B] and maps [B, S, S] out, dynamic batch) with the current exporter
-(``torch.onnx.export(..., dynamo=True)``, opset 18, explicit ``dynamic_shapes``),
+(``torch.export.export``, then ``torch.onnx.export``, opset 18: ``_onnx_program``),
 its pure-torch twins forced (``pyad.ops.portable``: the nearest-neighbour search
 is in the graph as an exact chunked matmul + min). Everything a deployment needs
 travels in the file's metadata (key ``pyad``, JSON): the detector's name and
@@ -154,17 +154,39 @@ def to_onnx(det: Detector, *, opset: int = OPSET):
     size = det.preprocessing.size
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # batch 2: no 0/1 specialisation
     stages = _record_stages(module, x)
-    with _quiet(), portable(), torch.no_grad():
-        program = torch.onnx.export(module, (x,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                                    output_names=list(OUTPUTS), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                                    verbose=False, report=False, optimize=True)
-    model = program.model_proto
+    with portable():
+        model = _onnx_program(module, x, list(OUTPUTS), opset).model_proto
     names = _label_stages(model, stages)
     meta = _metadata(det, opset)
     meta["stages"] = names
     _set_meta(model, meta)
     onnx.checker.check_model(model)
     return model
+
+
+def _onnx_program(module: nn.Module, x: torch.Tensor, outputs: list[str], opset: int):
+    """``module`` traced on ``x`` with a dynamic batch, as a ``torch.onnx.ONNXProgram``.
+
+    torch.export runs here with the settings of torch 2.13's ONNX exporter
+    (torch/onnx/_internal/exporter/_capture_strategies.py: non-strict,
+    ``backed_size_oblivious``, and ``prefer_deferred_runtime_asserts_over_guards``, on
+    by default through ``TORCH_ONNX_PREFER_DEFERRED_RUNTIME_ASSERTS_OVER_GUARDS``); torch
+    2.9's exporter lacks the last. torch 2.9.1 (the aarch64 pin) guards ``batch > 1`` in
+    its fake convolution (torch/_subclasses/fake_impls.py: the backend choice, which sets
+    only the output's memory format), which contradicted ``Dim("batch", min=1)``: PatchCore
+    and PaDiM did not export. Deferred, the guard is a runtime assertion, which the ONNX
+    exporter drops (``remove_assertion_nodes``); a graph has no memory formats."""
+    from torch.fx.experimental import _config as fx_config
+
+    shapes = ({0: torch.export.Dim("batch", min=1)},)
+    with _quiet(), torch.no_grad():
+        with fx_config.patch(backed_size_oblivious=True):
+            program = torch.export.export(module, (x,), dynamic_shapes=shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+        # dynamic_shapes again: the exporter names the graph's batch axis from it
+        return torch.onnx.export(program, (x,), dynamo=True, opset_version=opset, input_names=[INPUT],
+                                 output_names=outputs, dynamic_shapes=shapes, verbose=False, report=False,
+                                 optimize=True)
 
 
 def _metadata(det: Detector, opset: int) -> dict:
@@ -897,10 +919,7 @@ def _refit_head(det, calibration_images, sample, method, per_channel, exclude):
     size = det.preprocessing.size
     names = list(net.layer_names)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with _quiet(), torch.no_grad():
-        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                    output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                                    verbose=False, report=False, optimize=True)
+    program = _onnx_program(net, x, names, OPSET)
     # the same layers as in the full graph: exclusions are paths in the inference module
     at = next((n for n, m in det.inference_module().named_modules() if m is det._network()), "")
     own = tuple(e[len(at) + 1 :] for e in exclude if at and e.startswith(at + "."))

@@ -54,6 +54,9 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "SimpleNet-mobilenet_v2": ("SimpleNet", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
     "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
     "UninformedStudents": ("UninformedStudents", {"teachers": "random", "max_epochs": 2}),
+    "EfficientADAST-efficientnet_lite0": ("EfficientADAST", {
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["stage6"], "image_size": 256,
+        "teacher_hidden": 64, "student_hidden": 128, "teacher_epochs": 4, "max_epochs": 4}),
 }
 TARGET = {"speedup": 1.7, "delta_auroc": -0.005, "keys": ("PatchCore-mobilenet_v2", "PaDiM-mobilenet_v2",
                                                             "PatchCore-efficientnet_lite0", "PaDiM-efficientnet_lite0")}

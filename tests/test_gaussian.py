@@ -27,7 +27,7 @@ def inverse_covariance_distance(train, test, eps):
 
 
 @pytest.mark.parametrize("p,d", [(1, 1), (3, 5), (7, 17), (2, 33)])
-def test_fit_matches_sample_covariance(rng, p, d):
+def test_fit_matches_sample_covariance(backend, rng, p, d):
     x = correlated(rng, 20, p, d)
     model = K.gaussian_fit(x, eps=0.05)
     np.testing.assert_allclose(model.mean, x.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
@@ -139,9 +139,10 @@ def test_merge_equals_a_single_pass_and_keeps_updating(rng):
         a.merge(K.GaussianAccumulator(0.01).update(x[:5, :3]))
 
 
-def test_holdout_distances_equal_a_fit_without_them(rng):
+def test_holdout_distances_equal_a_fit_without_them(backend, rng):
     """finalize(holdout=...): distances under the Gaussians fitted without the held-out
-    images (eps·(N-1)/(n-1)), from one factorisation (Woodbury downdate)."""
+    images (eps·(N-1)/(n-1)), from one factorisation (Woodbury downdate); the compiled
+    factorisation (every ISA) and torch's LAPACK path (the numba backend)."""
     x = (rng.standard_normal((30, 7, 5)) * rng.uniform(0.5, 2, (1, 7, 5)) + 3).astype(np.float32)
     model, held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[24:])
     np.testing.assert_allclose(model.factor, K.gaussian_fit(x, 0.01).factor, rtol=1e-6)
@@ -149,3 +150,27 @@ def test_holdout_distances_equal_a_fit_without_them(rng):
     np.testing.assert_allclose(held, K.mahalanobis(x[24:], direct), rtol=1e-4)
     with pytest.raises(ValueError, match="holdout"):
         K.GaussianAccumulator(0.01).update(x[:3]).finalize(holdout=x[:2])
+
+
+def test_compiled_factorisation_equals_lapack(rng):
+    """The compiled Cholesky, inverse and held-out downdate (every ISA) against torch's
+    LAPACK path, at PaDiM's dimension; a covariance that is not positive definite is
+    refused by both."""
+    x = correlated(rng, 60, 5, 100)
+    with K.use_backend("numba"):
+        want, want_held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[:9])
+    from pyad.kernels import _backend
+
+    try:
+        isas = _backend._core().supported_isas()
+    except ImportError:
+        pytest.skip("no compiled kernels")
+    for isa in isas:
+        with K.use_backend("native", isa):
+            got, held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[:9])
+            np.testing.assert_allclose(got.factor, want.factor, rtol=1e-5, atol=1e-6 * np.abs(want.factor).max())
+            np.testing.assert_allclose(held, want_held, rtol=1e-5)
+            flat = x.copy()
+            flat[:, :, 7] = 1.5  # a constant channel: zero variance, a zero pivot
+            with pytest.raises(ValueError, match="positive definite"):
+                K.GaussianAccumulator(0.0).update(flat).finalize(holdout=flat[:3])

@@ -513,6 +513,160 @@ static void channel_pool(const float* x, int64_t r, int64_t l, int64_t d, float*
     }
 }
 
+// ---------------------------------------------------------------------------
+// Gaussian factors (PaDiM's fit): per position, Sigma = (S2 - s1 s1^T / n) / (n - 1)
+// + eps I from the packed float64 sums of pyad/kernels/gaussian.py, its Cholesky
+// factor L (row by row: each entry one dot product of two row prefixes) and
+// A = L^-1 (row i = (e_i - sum_{k<i} L_ik A_k) / L_ii: axpys of earlier rows), all
+// in float64 and in cache; A goes out packed as float32 and, when `dense` is given,
+// as d x d float64 (zeros above the diagonal). Both loops are d^3/6 multiply-adds
+// on contiguous rows, against LAPACK's per-matrix calls plus a triangular solve
+// with the identity (d^3/2). Returns the first position whose covariance is not
+// positive definite, or -1.
+// ---------------------------------------------------------------------------
+// sum a[k] b[k], k < n, in 8 independent partial sums: without reassociation the
+// compiler keeps one serial chain (4 cycles per term); this form it vectorises.
+static inline double dot64(const double* a, const double* b, int64_t n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += a[k + u] * b[k + u];
+    double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+// Held-out distances from A (see gaussian.py's finalize for the derivation): the h
+// held-out images' deviations hx [h, d] from the accumulator's shift, of N images in all;
+// with n = N - h, c = (N-1)/(n-1), V = [x_j - mu_h (j < h), sqrt(nh/N)(mu_h - mu_n)] /
+// sqrt(n-1), W = A V, Y = A (x - mu_n): d2_j = |y_j|^2/c + b_j^T (I - W^T W/c)^-1 b_j,
+// b = W^T y_j / c. Scratch: work [(2h+1)(d) + 2(h+1)^2 + (h+1)h + 2d]. False if the
+// small Gram matrix is not positive definite.
+static bool downdate(const double* A, const double* s1, const double* hx, int64_t d, int64_t h, double N,
+                     double* work, float* out) {
+    const int64_t r = h + 1;
+    const double n = N - h, c = (N - 1.0) / (n - 1.0), root = 1.0 / std::sqrt(n - 1.0);
+    double* u = work;            // [r][d]
+    double* y = u + r * d;       // [h][d]
+    double* g = y + h * d;       // [r][r]
+    double* b = g + r * r;       // [r][h]
+    double* muh = b + r * h;     // [d]
+    double* mun = muh + d;       // [d]
+    for (int64_t i = 0; i < d; ++i) {
+        double s = 0.0;
+        for (int64_t j = 0; j < h; ++j) s += hx[j * d + i];
+        muh[i] = s / double(h);
+        mun[i] = (s1[i] - double(h) * muh[i]) / n;  // N * mean_all = s1 (deviations from the shift)
+    }
+    const double tail = std::sqrt(n * double(h) / N) * root;
+    for (int64_t j = 0; j < h; ++j)
+        for (int64_t i = 0; i < d; ++i) u[j * d + i] = (hx[j * d + i] - muh[i]) * root;
+    for (int64_t i = 0; i < d; ++i) u[h * d + i] = tail * (muh[i] - mun[i]);
+    for (int64_t j = 0; j < h; ++j)
+        for (int64_t i = 0; i < d; ++i) y[j * d + i] = hx[j * d + i] - mun[i];
+    // W = A U and Y = A Z in place, last row first (row i needs entries <= i of the input)
+    for (int64_t i = d - 1; i >= 0; --i) {
+        const double* ai = A + i * (i + 1) / 2;
+        for (int64_t j = 0; j < r; ++j) u[j * d + i] = dot64(ai, u + j * d, i + 1);
+        for (int64_t j = 0; j < h; ++j) y[j * d + i] = dot64(ai, y + j * d, i + 1);
+    }
+    for (int64_t a = 0; a < r; ++a) {
+        for (int64_t e = 0; e <= a; ++e) g[a * r + e] = (a == e ? 1.0 : 0.0) - dot64(u + a * d, u + e * d, d) / c;
+        for (int64_t j = 0; j < h; ++j) b[a * h + j] = dot64(u + a * d, y + j * d, d) / c;
+    }
+    for (int64_t a = 0; a < r; ++a) {  // Cholesky of g in place (lower)
+        for (int64_t e = 0; e <= a; ++e) {
+            double v = g[a * r + e];
+            for (int64_t k = 0; k < e; ++k) v -= g[a * r + k] * g[e * r + k];
+            if (a == e) {
+                if (!(v > 0.0)) return false;
+                g[a * r + a] = std::sqrt(v);
+            } else {
+                g[a * r + e] = v / g[e * r + e];
+            }
+        }
+    }
+    for (int64_t j = 0; j < h; ++j) {  // b_j^T g^-1 b_j = |R^-1 b_j|^2 with g = R R^T
+        double q = 0.0;
+        for (int64_t a = 0; a < r; ++a) {
+            double t = b[a * h + j];
+            for (int64_t k = 0; k < a; ++k) t -= g[a * r + k] * b[k * h + j];
+            t /= g[a * r + a];
+            b[a * h + j] = t;
+            q += t * t;
+        }
+        const double d2 = dot64(y + j * d, y + j * d, d) / c + q;
+        out[j] = static_cast<float>(std::sqrt(d2 > 0.0 ? d2 : 0.0));
+    }
+    return true;
+}
+
+static int64_t gaussian_factor(const double* s2, const double* s1, int64_t p, int64_t d, double n, double eps,
+                               float* packed, const double* held, int64_t h, float* held_out) {
+    const int64_t t = d * (d + 1) / 2;
+    int64_t bad = -1;
+#pragma omp parallel num_threads(pyad::num_threads())
+    {
+        double* L = static_cast<double*>(std::aligned_alloc(64, ((t * 8 + 63) / 64) * 64));
+        double* A = static_cast<double*>(std::aligned_alloc(64, ((t * 8 + 63) / 64) * 64));
+        double* inv = static_cast<double*>(std::aligned_alloc(64, ((d * 8 + 63) / 64) * 64));  // 1 / L_jj
+        const int64_t nw = (2 * h + 1) * d + 2 * (h + 1) * (h + 1) + (h + 1) * h + 2 * d;
+        double* work = held ? static_cast<double*>(std::aligned_alloc(64, ((nw * 8 + 63) / 64) * 64)) : nullptr;
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < p; ++q) {
+            const double* S = s2 + q * t;
+            const double* m = s1 + q * d;
+            bool ok = true;
+            for (int64_t i = 0; i < d && ok; ++i) {
+                double* li = L + i * (i + 1) / 2;
+                for (int64_t j = 0; j <= i; ++j) {
+                    const double* lj = L + j * (j + 1) / 2;
+                    // as gaussian.py's finalize: (S2 - s1_i (s1_j / n)) / (n - 1), then + eps
+                    double v = (S[i * (i + 1) / 2 + j] - m[i] * (m[j] / n)) / (n - 1.0);
+                    if (i == j) v += eps;
+                    v -= dot64(li, lj, j);
+                    if (i == j) {
+                        if (!(v > 0.0)) { ok = false; break; }
+                        li[i] = std::sqrt(v);
+                        inv[i] = 1.0 / li[i];
+                    } else {
+                        li[j] = v * inv[j];  // a multiply, not a divide per entry
+                    }
+                }
+            }
+            if (!ok) {
+#pragma omp critical
+                if (bad < 0 || q < bad) bad = q;
+                continue;
+            }
+            for (int64_t i = 0; i < d; ++i) {
+                double* ai = A + i * (i + 1) / 2;
+                const double* li = L + i * (i + 1) / 2;
+                for (int64_t j = 0; j < i; ++j) ai[j] = 0.0;
+                ai[i] = 1.0;
+                for (int64_t k = 0; k < i; ++k) {
+                    const double c = li[k];
+                    const double* ak = A + k * (k + 1) / 2;
+                    for (int64_t j = 0; j <= k; ++j) ai[j] -= c * ak[j];
+                }
+                const double r = inv[i];
+                for (int64_t j = 0; j <= i; ++j) ai[j] *= r;
+            }
+            float* out = packed + q * t;
+            for (int64_t e = 0; e < t; ++e) out[e] = static_cast<float>(A[e]);
+            if (held && !downdate(A, m, held + q * h * d, d, h, n, work, held_out + q * h)) {
+#pragma omp critical
+                if (bad < 0 || q < bad) bad = q;
+            }
+        }
+        std::free(L);
+        std::free(A);
+        std::free(inv);
+        std::free(work);
+    }
+    return bad;
+}
+
 static double stream_sum(const float* x, int64_t n) {
     double total = 0.0;
 #pragma omp parallel for num_threads(pyad::num_threads()) schedule(static) reduction(+ : total)
@@ -536,6 +690,7 @@ static const KernelTable table = {
     mahalanobis_f32, mahalanobis_f16,
     coreset_f32, coreset_f16, coreset_i8,
     patch_pool, channel_pool, patch_embed,
+    gaussian_factor,
     stream_sum,
 };
 

@@ -39,6 +39,14 @@ struct KernelTable {
                         int kernel, int stride, int padding, int mode, int64_t d,
                         float* out);
 
+    // Per position: Sigma from the packed float64 sums (s2 [p, d(d+1)/2], s1 [p, d],
+    // n images, + eps I), A = L^-1 of its Cholesky factor -> packed [p, d(d+1)/2]
+    // float32; if held != nullptr ([p, h, d] deviations of h of the n images from the
+    // sums' shift), their distances under the Gaussians fitted without them ->
+    // held_out [p, h]. Returns the first position that fails (not positive definite), or -1.
+    int64_t (*gaussian_factor)(const double* s2, const double* s1, int64_t p, int64_t d, double n,
+                               double eps, float* packed, const double* held, int64_t h, float* held_out);
+
     // Sums n floats with all threads: used to measure read bandwidth.
     double (*stream_sum)(const float* x, int64_t n);
 };

@@ -184,10 +184,22 @@ class GaussianAccumulator:
         mean = np.empty((p, d), dtype=np.float32)
         diag = np.arange(d)
 
+        native = _backend.name() == "native"
+
         def chunk(q: slice) -> None:
             s1 = self._s1[q]
             mean64 = self._shift[q] + s1 / self.count
             mean[q] = mean64
+            if native:  # compiled, all threads, A and the downdate in cache (P=4096, d=100, h=21: 2.3 -> 0.8 CPU-s)
+                packed = np.empty((len(s1), d * (d + 1) // 2), np.float32)
+                dev = None
+                if held is not None:  # the held-out images' deviations from the shift, position-major
+                    dev = np.ascontiguousarray((held[:, q].astype(np.float64) - self._shift[q]).transpose(1, 0, 2))
+                out = _backend.current().gaussian_factor(self._s2[q], s1, float(self.count), self.eps, packed, dev)
+                factor[q] = _cast_factor(packed, self.dtype)
+                if held is not None:
+                    held_dist[:, q] = out.T
+                return
             # scatter = S2 - S1 S1ᵀ / n, unpacked to full symmetric matrices in one gather
             cov = np.take(self._s2[q], sym, axis=1).reshape(len(s1), d, d)
             cov -= s1[:, :, None] * (s1[:, None, :] / self.count)
@@ -200,8 +212,9 @@ class GaussianAccumulator:
 
         # chunks run by as many threads as torch uses (the batched LAPACK calls and
         # the gathers are mostly serial inside: P=4096, d=100 on 2 cores, 1.15 s ->
-        # 0.82 s), each chunk about _CHUNK_BYTES / threads so the peak stays put
-        workers = _solver_threads()
+        # 0.82 s), each chunk about _CHUNK_BYTES / threads so the peak stays put; the
+        # compiled kernel is parallel itself, so its chunks run one after another
+        workers = 1 if native else _solver_threads()
         n = -(-p * 8 * d * d * workers // _CHUNK_BYTES)
         n = max(workers, -(-n // workers) * workers)
         step = -(-p // n)

@@ -179,6 +179,34 @@ def test_stage_labels_of_the_convolutions(name, backbone, data, tmp_path):
     assert sorted(convs) == ["backbone"] * layers + ["map"] * 2
 
 
+# stage -> the inference module's network run in it
+STAGE_NETWORKS = {
+    "efficientad": {"teacher": "teacher", "student": "student", "autoencoder": "ae"},
+    "efficientad_ast": {"backbone": "backbone", "teacher": "teacher", "student": "student", "autoencoder": "ae"},
+    "uninformed_students": {"teacher": "teachers", "students": "students"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_NETWORKS))
+def test_stage_labels_of_the_networks(name, pairs, data):
+    """Every stage the torch path times owns nodes, and each network's convolutions are
+    in its own stage. These modules called ``stage()`` from helpers (``raw_maps``,
+    ``heads``, ``scale``), frames the exporter's stack traces leave out, so the networks
+    ran under one forward line and took its first stage: EfficientAD's all "teacher",
+    EfficientAD-AST's autoencoder and Uninformed Students' students too."""
+    det, _ = pairs(name)
+    times = {}
+    det.predict(data[1], stage_times=times)
+    stages = [k for k in times if k not in ("read", "preprocess")]
+    model = onnx.load(pairs.path(name))
+    label = {n.name: next(p.value for p in n.metadata_props if p.key == "pyad.stage") for n in model.graph.node}
+    assert sorted(set(label.values())) == sorted(stages)  # each stage owns nodes
+    module = det.inference_module()
+    want = sorted(s for s, net in STAGE_NETWORKS[name].items()
+                  for m in getattr(module, net).modules() if isinstance(m, torch.nn.Conv2d))
+    assert sorted(label[n.name] for n in model.graph.node if n.op_type == "Conv") == want
+
+
 def test_calibrate_and_save_keep_thresholds(pairs, data, tmp_path):
     _, onnx_det = pairs("padim")
     d = pyad.load(onnx_det.export(tmp_path / "a.onnx"))

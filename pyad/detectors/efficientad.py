@@ -444,6 +444,12 @@ class EfficientADModule(nn.Module):
 
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M_ST, M_AE) [B, h, w] before normalisation (h = w = 56 at 256 px)."""
+        return self(x, raw=True)
+
+    def forward(self, x: torch.Tensor, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, maps); ``raw``: (M_ST, M_AE) before normalisation instead."""
+        # Each network runs from its own line of forward: the ONNX exporter's stack traces
+        # keep forward frames only, so that line is what tells a node's stage (export.py).
         x = x.contiguous(memory_format=torch.channels_last)
         x = x.to(self.dtype)
         t = self.teacher(x).float()
@@ -453,10 +459,9 @@ class EfficientADModule(nn.Module):
         a = self.ae(x).float()
         stage("autoencoder")
         c = self.channels
-        return (t - s[:, :c]).square().mean(1), (a - s[:, c:]).square().mean(1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m_st, m_ae = self.raw_maps(x)
+        m_st, m_ae = (t - s[:, :c]).square().mean(1), (a - s[:, c:]).square().mean(1)
+        if raw:
+            return m_st, m_ae
         m = m_st * self.coef[0] + m_ae * self.coef[1] + self.coef[2]
         if self.pad != (0, 0):
             lo, hi = self.pad

@@ -142,7 +142,8 @@ def to_grey(x: torch.Tensor) -> torch.Tensor:
 class EfficientADASTModule(nn.Module):
     """Normalised image [B, 3, S, S] -> (scores [B], maps [B, S, S]): one backbone
     pass shared by teacher, student and autoencoder; the map bilinearly upsampled
-    to S (``efficientad.py`` l.309), the score its maximum (l.334)."""
+    to S (``efficientad.py`` l.309), the score its maximum (l.334). Without a backbone
+    (fit's validation on pre-extracted features), ``x`` is the features [B, C, h, w]."""
 
     def __init__(self, backbone, layer: str, teacher: FlowTeacher, student: Student, ae: nn.Module,
                  pe: torch.Tensor, size: int):
@@ -152,8 +153,11 @@ class EfficientADASTModule(nn.Module):
         self.register_buffer("pe", pe)
         self.size = size
 
-    def heads(self, feat: torch.Tensor):
-        """(z_T, S, A) of backbone features [B, C, h, w]."""
+    def forward(self, x):
+        # Each stage runs from its own lines of forward: the ONNX exporter's stack traces
+        # keep forward frames only, so those lines are what tell a node's stage (export.py).
+        feat = x if self.backbone is None else self.backbone(x)[self.layer].float()
+        stage("backbone")
         cond = self.pe.expand(feat.shape[0], -1, -1, -1)
         z_t, _ = self.teacher(feat, cond, with_logdet=False)
         stage("teacher")
@@ -162,19 +166,11 @@ class EfficientADASTModule(nn.Module):
         stage("student")
         a = self.ae(inp)
         stage("autoencoder")
-        return z_t, s, a
-
-    def maps_from_features(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = hybrid_map(*self.heads(feat))
+        low = hybrid_map(z_t, s, a)
         maps = F.interpolate(low[:, None], size=(self.size, self.size), mode="bilinear", align_corners=False)[:, 0]
         scores = maps.flatten(1).amax(1)
         stage("map")
         return scores, maps
-
-    def forward(self, x):
-        feat = self.backbone(x)[self.layer].float()
-        stage("backbone")
-        return self.maps_from_features(feat)
 
 
 @register("efficientad_ast")
@@ -472,7 +468,7 @@ class EfficientADAST(TrainedDetector, FrozenFeatureDetector):
     def _scores_maps(self, nets, pe, feats) -> tuple[torch.Tensor, torch.Tensor]:
         head = EfficientADASTModule(None, "", nets["teacher"], nets["student"], nets["ae"], pe,
                                     self.preprocessing.size)
-        out = [head.maps_from_features(feats[s : s + self.batch_size]) for s in range(0, len(feats), self.batch_size)]
+        out = [head(feats[s : s + self.batch_size]) for s in range(0, len(feats), self.batch_size)]
         return torch.cat([o[0] for o in out]).cpu(), torch.cat([o[1] for o in out]).cpu()
 
     @torch.no_grad()

@@ -154,18 +154,26 @@ class StudentsModule(nn.Module):
         self.register_buffer("t_std", t_std.float())
         self.register_buffer("stats", stats.float())  # [L, 4]: e_mu, e_sigma, v_mu, v_sigma
 
-    def scale(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """The teacher of scale ``level``, normalised with the training statistics."""
         t = self.teachers[level](x)
-        t = (t - self.t_mean[level].view(1, -1, 1, 1)) / self.t_std[level].view(1, -1, 1, 1)
-        stage("teacher")
-        e, v = error_and_variance(t, [s(x) for s in self.students[level]])
-        stage("students")
-        return e, v
+        return (t - self.t_mean[level].view(1, -1, 1, 1)) / self.t_std[level].view(1, -1, 1, 1)
+
+    def scale(self, level: int, x: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e, v) [B, H, W] of scale ``level`` before standardisation; ``t``: its
+        ``teacher`` output when already computed."""
+        t = self.teacher(level, x) if t is None else t
+        return error_and_variance(t, [s(x) for s in self.students[level]])
 
     def forward(self, x):
         total = None
         for level in range(len(self.teachers)):
-            e, v = self.scale(level, x)
+            # teacher and students from their own lines of forward: the ONNX exporter's stack
+            # traces keep forward frames only, so those lines tell a node's stage (export.py)
+            t = self.teacher(level, x)
+            stage("teacher")
+            e, v = self.scale(level, x, t)
+            stage("students")
             st = self.stats[level]
             s = (e - st[0]) / st[1] + (v - st[2]) / st[3]
             total = s if total is None else total + s

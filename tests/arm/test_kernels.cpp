@@ -198,6 +198,98 @@ static void test_pooling(const KernelTable& t, std::mt19937& gen) {
     }
 }
 
+// Naive Cholesky (column by column) of a dense symmetric d x d matrix, in place (lower).
+static void naive_cholesky(std::vector<double>& m, int64_t d) {
+    for (int64_t j = 0; j < d; ++j) {
+        for (int64_t k = 0; k < j; ++k) m[j * d + j] -= m[j * d + k] * m[j * d + k];
+        m[j * d + j] = std::sqrt(m[j * d + j]);
+        for (int64_t i = j + 1; i < d; ++i) {
+            for (int64_t k = 0; k < j; ++k) m[i * d + j] -= m[i * d + k] * m[j * d + k];
+            m[i * d + j] /= m[j * d + j];
+        }
+    }
+}
+
+// Sample covariance of rows [lo, hi) of x [n, d] (divide by count - 1) + eps I, and its mean.
+static std::vector<double> covariance(const std::vector<double>& x, int64_t lo, int64_t hi, int64_t d, double eps,
+                                      std::vector<double>& mean) {
+    const double k = double(hi - lo);
+    mean.assign(d, 0.0);
+    for (int64_t r = lo; r < hi; ++r)
+        for (int64_t i = 0; i < d; ++i) mean[i] += x[r * d + i] / k;
+    std::vector<double> c(d * d, 0.0);
+    for (int64_t r = lo; r < hi; ++r)
+        for (int64_t i = 0; i < d; ++i)
+            for (int64_t j = 0; j < d; ++j) c[i * d + j] += (x[r * d + i] - mean[i]) * (x[r * d + j] - mean[j]) / (k - 1);
+    for (int64_t i = 0; i < d; ++i) c[i * d + i] += eps;
+    return c;
+}
+
+static void test_gaussian_factor(const KernelTable& t, std::mt19937& gen) {
+    std::normal_distribution<double> nd;
+    const int64_t n = 30, h = 4, p = 3, d = 17, tri = d * (d + 1) / 2;
+    const double eps = 0.01;
+    std::vector<double> s2(p * tri, 0.0), s1(p * d, 0.0), held(p * h * d);
+    std::vector<std::vector<double>> xs(p, std::vector<double>(n * d));
+    for (int64_t q = 0; q < p; ++q) {  // held-out images first; sums shifted by 0
+        auto& x = xs[q];
+        for (auto& v : x) v = 0.5 + nd(gen);
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t i = 0; i < d; ++i) {
+                s1[q * d + i] += x[r * d + i];
+                for (int64_t j = 0; j <= i; ++j) s2[q * tri + i * (i + 1) / 2 + j] += x[r * d + i] * x[r * d + j];
+            }
+        for (int64_t r = 0; r < h; ++r)
+            for (int64_t i = 0; i < d; ++i) held[(q * h + r) * d + i] = x[r * d + i];
+    }
+    std::vector<float> packed(p * tri), dist(p * h);
+    const int64_t bad = t.gaussian_factor(s2.data(), s1.data(), p, d, double(n), eps, packed.data(), held.data(), h,
+                                          dist.data());
+    ++g_checks;
+    if (bad != -1) { std::printf("FAIL %s gaussian_factor: position %lld\n", t.isa, (long long)bad); ++g_failures; }
+    std::vector<double> want_a, want_d;
+    for (int64_t q = 0; q < p; ++q) {
+        std::vector<double> mean, rest_mean;
+        auto c = covariance(xs[q], 0, n, d, eps, mean);
+        naive_cholesky(c, d);
+        std::vector<double> a(d * d, 0.0);  // L^-1 by forward substitution, column by column
+        for (int64_t col = 0; col < d; ++col)
+            for (int64_t i = col; i < d; ++i) {
+                double v = i == col ? 1.0 : 0.0;
+                for (int64_t k = col; k < i; ++k) v -= c[i * d + k] * a[k * d + col];
+                a[i * d + col] = v / c[i * d + i];
+            }
+        for (int64_t i = 0; i < d; ++i)
+            for (int64_t j = 0; j <= i; ++j) want_a.push_back(a[i * d + j]);
+        // the held-out images against a fit without them (eps scaled by (n-1)/(n-h-1))
+        auto r = covariance(xs[q], h, n, d, eps * (n - 1.0) / (n - h - 1.0), rest_mean);
+        naive_cholesky(r, d);
+        for (int64_t k = 0; k < h; ++k) {
+            double sq = 0.0;
+            std::vector<double> z(d);
+            for (int64_t i = 0; i < d; ++i) {
+                double v = xs[q][k * d + i] - rest_mean[i];
+                for (int64_t m = 0; m < i; ++m) v -= r[i * d + m] * z[m];
+                z[i] = v / r[i * d + i];
+                sq += z[i] * z[i];
+            }
+            want_d.push_back(std::sqrt(sq));
+        }
+    }
+    expect_close(std::string(t.isa) + " gaussian_factor", packed, want_a, 1e-5, 1e-6);
+    expect_close(std::string(t.isa) + " gaussian_factor held out", dist, want_d, 1e-4, 1e-6);
+    std::vector<double> singular(s2);  // channel 0 constant: a zero pivot
+    for (int64_t q = 0; q < p; ++q) { s1[q * d] = 0.0; singular[q * tri] = 0.0; }
+    for (int64_t q = 0; q < p; ++q)
+        for (int64_t i = 1; i < d; ++i) singular[q * tri + i * (i + 1) / 2] = 0.0;
+    ++g_checks;
+    if (t.gaussian_factor(singular.data(), s1.data(), p, d, double(n), 0.0, packed.data(), nullptr, 0,
+                          nullptr) != 0) {
+        std::printf("FAIL %s gaussian_factor: a singular covariance was not refused\n", t.isa);
+        ++g_failures;
+    }
+}
+
 int main() {
     std::printf("compiled ISAs:");
     for (auto& s : pyad::compiled_isas()) std::printf(" %s", s.c_str());
@@ -212,6 +304,7 @@ int main() {
         test_mahalanobis(t, gen);
         test_coreset(t, gen);
         test_pooling(t, gen);
+        test_gaussian_factor(t, gen);
         std::printf("ran the %s path: %d checks\n", t.isa, g_checks - before);
     }
     std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);

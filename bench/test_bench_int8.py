@@ -52,7 +52,7 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "GANomaly": ("GANomaly", {"image_size": 64, "max_epochs": 15}),
     "EfficientAD": ("EfficientAD", {"teacher": "random", "max_steps": 300}),
     "SimpleNet-mobilenet_v2": ("SimpleNet", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
-    "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
+    "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "layers": ["layer4"], "max_epochs": 4}),
     "UninformedStudents": ("UninformedStudents", {"teachers": "random", "max_epochs": 2}),
     "EfficientADAST-efficientnet_lite0": ("EfficientADAST", {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["stage6"], "image_size": 256,

@@ -132,6 +132,11 @@ def test_merge_equals_a_single_pass_and_keeps_updating(rng):
     b = K.GaussianAccumulator(0.01).update(x[11:30])
     merged = a.merge(b).update(x[30:]).finalize()
     single = K.gaussian_fit(x, 0.01)
+    wide = correlated(rng, 64, 64, 100)  # PaDiM's dimension: a merge then the compiled finalize (C order kept)
+    halves = K.GaussianAccumulator(0.01).update(wide[:32]).merge(K.GaussianAccumulator(0.01).update(wide[32:]))
+    assert halves._s2.flags.c_contiguous and halves._s1.flags.c_contiguous
+    _, held = halves.finalize(holdout=wide[:5])
+    np.testing.assert_allclose(held, K.GaussianAccumulator(0.01).update(wide).finalize(holdout=wide[:5])[1], rtol=1e-4)
     np.testing.assert_allclose(merged.mean, single.mean, rtol=1e-6)
     np.testing.assert_allclose(merged.factor, single.factor, rtol=1e-4, atol=1e-6)
     assert merged.count == 40

@@ -154,7 +154,9 @@ class GaussianAccumulator:
         shift = mean.astype(np.float32).astype(np.float64)
         s1 = (mean - shift) * count  # S1 = Σ(x - K), S2 = scatter + S1 S1ᵀ / n
         rows, cols = np.tril_indices(mean.shape[1])
-        out._shift, out._s1, out._s2, out.count = shift, s1, scatter + s1[:, rows] * s1[:, cols] / count, count
+        # C order: NumPy's fancy indexing along axis 1 can hand back Fortran-ordered arrays
+        out._shift, out._s1, out.count = shift, np.ascontiguousarray(s1), count
+        out._s2 = np.ascontiguousarray(scatter + s1[:, rows] * s1[:, cols] / count)
         return out
 
     def finalize(self, holdout=None):
@@ -195,7 +197,8 @@ class GaussianAccumulator:
                 dev = None
                 if held is not None:  # the held-out images' deviations from the shift, position-major
                     dev = np.ascontiguousarray((held[:, q].astype(np.float64) - self._shift[q]).transpose(1, 0, 2))
-                out = _backend.current().gaussian_factor(self._s2[q], s1, float(self.count), self.eps, packed, dev)
+                out = _backend.current().gaussian_factor(np.ascontiguousarray(self._s2[q]), np.ascontiguousarray(s1),
+                                                         float(self.count), self.eps, packed, dev)
                 factor[q] = _cast_factor(packed, self.dtype)
                 if held is not None:
                     held_dist[:, q] = out.T

@@ -128,7 +128,7 @@ class Detector:
     defaults: ClassVar[dict] = {}  # this detector's defaults for group parameters
     # parameters that may change on a fitted detector (they do not touch learned state)
     runtime_params: ClassVar[frozenset] = frozenset({"device", "batch_size", "precision"})
-    # precision="bfloat16" on the CPU: the backbone under CPU autocast (frozen-feature family)
+    # precision="bfloat16" on the CPU: a bfloat16 copy of the backbone (frozen-feature family)
     cpu_bfloat16: ClassVar[bool] = False
     _signature: ClassVar[inspect.Signature]
 
@@ -205,12 +205,11 @@ class Detector:
     def _check_params(self) -> None:
         for group in self.groups:
             group.of(self).check()
-        if getattr(self, "precision", "float32") == "bfloat16" and not str(self.device).startswith("cuda") \
-                and not self.cpu_bfloat16:
-            raise ValueError(f"precision: 'bfloat16' on the CPU reduces the frozen-feature detectors' backbone "
-                             f"(PatchCore, PaDiM, SPADE); {type(self).__name__} runs it on CUDA only (device='cuda'), "
-                             "or use det.quantize(calibration_images) for int8")
         if getattr(self, "precision", "float32") == "bfloat16" and not str(self.device).startswith("cuda"):
+            if not self.cpu_bfloat16:
+                raise ValueError(f"precision: 'bfloat16' on the CPU reduces the frozen-feature detectors' backbone "
+                                 f"(PatchCore, PaDiM, SPADE); {type(self).__name__} runs it on CUDA only "
+                                 "(device='cuda'), or use det.quantize(calibration_images) for int8")
             from ..backbones import cpu_has_bfloat16
 
             if not cpu_has_bfloat16():

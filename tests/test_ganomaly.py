@@ -101,6 +101,23 @@ def test_discriminator_loss_and_score_against_their_formulas():
     np.testing.assert_allclose(gm.latent_distance(zi, zo).numpy(), ((zi - zo) ** 2).reshape(4, -1).mean(1).numpy())
 
 
+def test_discriminator_loss_gradient_is_finite_when_the_sigmoid_saturates():
+    """A confident D outputs exactly 1.0 (real) or 0.0 (fake) in float32; the loss and its
+    gradient must stay finite there, as nn.BCELoss's are (a clamped −log(1 − p) gives 0 · ∞ = NaN:
+    the bottle run that diverged at step 70)."""
+    logits = torch.tensor([30.0, 2.0, -120.0, 20.0], requires_grad=True)
+    p = torch.sigmoid(logits)
+    assert p[0].item() == 1.0 and p[2].item() == 0.0  # saturated in float32
+    loss = gm.discriminator_loss(p[:2], p[2:]) + gm.bce(p[[0]], 0.0) + gm.bce(p[[2]], 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    ref = torch.nn.BCELoss()
+    q = torch.sigmoid(logits.detach())
+    want = 0.5 * (ref(q[:2], torch.ones(2)) + ref(q[2:], torch.zeros(2))) + ref(q[[0]], torch.zeros(1)) + \
+        ref(q[[2]], torch.ones(1))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def _reference_epoch(netg, netd, batches, lr, reinit_below=1e-5):
     """lib/model.py's optimize_params, line for line, over the given batches."""
     l2 = lambda a, b: torch.mean(torch.pow(a - b, 2))  # noqa: E731 - lib/loss.py l2_loss

@@ -105,6 +105,12 @@ def test_reconstruction_terms_against_their_formulas():
     mu, lv = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
     loss = V.vae_loss(r, x, mu, lv, 0.5, "bce")
     torch.testing.assert_close(loss, (bce + 0.5 * V.kl_divergence(mu, lv)).mean())
+    # ... and a finite training gradient there (torch's BCE backward; clamped logs give 0 * inf = NaN)
+    logits = torch.tensor([[120.0, -120.0, 0.5]], requires_grad=True)
+    sat = torch.sigmoid(logits)
+    assert sat[0, 0].item() == 1.0 and sat[0, 1].item() == 0.0
+    V.vae_loss(sat, torch.tensor([[0.0, 1.0, 0.3]]), mu[:1], lv[:1], 1.0, "bce").backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_first_training_step_is_the_formula(data):

@@ -156,16 +156,14 @@ class NetD(nn.Module):
 
 # -- losses (lib/model.py:280-336, lib/loss.py) ----------------------------------------------------------
 def bce(p: torch.Tensor, target: float) -> torch.Tensor:
-    """``nn.BCELoss()(p, full(target))``: −mean(t·log p + (1 − t)·log(1 − p)), each log
-    clamped at −100 as torch does; written out so that it may run under autocast
-    (torch refuses ``binary_cross_entropy`` there)."""
-    p = p.float()
-    loss = 0.0
-    if target != 0:
-        loss = loss - target * torch.log(p).clamp_min(-100)
-    if target != 1:
-        loss = loss - (1 - target) * torch.log1p(-p).clamp_min(-100)
-    return loss.mean()
+    """``nn.BCELoss()(p, full(target))`` (the reference's loss), computed in float32 with
+    autocast off (torch refuses ``binary_cross_entropy`` under autocast). torch's own
+    backward matters: a hand-written −log(1 − p) clamped at −100 has the gradient
+    0 · ∞ = NaN once the discriminator's sigmoid saturates to exactly 1.0, which a
+    confident D reaches within a few epochs (bottle, 64 px: step 70)."""
+    with torch.autocast(p.device.type, enabled=False):
+        p = p.float()
+        return nn.functional.binary_cross_entropy(p, torch.full_like(p, float(target)))
 
 
 def generator_loss(netd: NetD, x, fake, latent_i, latent_o, *, adversarial: str = "feature", contextual: str = "l1",

@@ -105,8 +105,17 @@ def reconstruction_error(recon: torch.Tensor, x: torch.Tensor, kind: str) -> tor
 
 
 def vae_loss(recon, x, mu, logvar, beta: float, kind: str) -> torch.Tensor:
-    """The negative ELBO averaged over the batch: reconstruction + β·KL."""
-    return (reconstruction_error(recon.float(), x.float(), kind) + beta * kl_divergence(mu.float(), logvar.float())).mean()
+    """The negative ELBO averaged over the batch: reconstruction + β·KL. The BCE is torch's
+    (autocast off), whose backward stays finite where the sigmoid output saturates to
+    exactly 0 or 1; the clamped logs of ``reconstruction_error`` (the exportable scoring
+    path) would give 0 · ∞ = NaN gradients there."""
+    recon, x = recon.float(), x.float()
+    if kind == "bce":
+        with torch.autocast(recon.device.type, enabled=False):
+            rec = F.binary_cross_entropy(recon, x, reduction="none").flatten(1).sum(1)
+    else:
+        rec = reconstruction_error(recon, x, kind)
+    return (rec + beta * kl_divergence(mu.float(), logvar.float())).mean()
 
 
 class VAEModule(nn.Module):

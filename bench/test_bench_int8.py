@@ -57,6 +57,9 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "EfficientADAST-efficientnet_lite0": ("EfficientADAST", {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["stage6"], "image_size": 256,
         "teacher_hidden": 64, "student_hidden": 128, "teacher_epochs": 4, "max_epochs": 4}),
+    # supervised: fit on a labelled 60 % share of bottle's test/ folder, scored on its 20 % test share
+    "DefectClassifier-efficientnet_lite0": ("DefectClassifier", {
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "max_epochs": 10, "early_stopping_patience": 4}),
 }
 TARGET = {"speedup": 1.7, "delta_auroc": -0.005, "keys": ("PatchCore-mobilenet_v2", "PaDiM-mobilenet_v2",
                                                             "PatchCore-efficientnet_lite0", "PaDiM-efficientnet_lite0")}

@@ -63,6 +63,24 @@ py::object gaussian_factor(const py::array& s2, const py::array& s1, double coun
     return std::move(out);
 }
 
+void gaussian_update(const py::array& x, const py::array& shift, py::array& s1, py::array& s2) {
+    require(x, "batch", "float32", 3);
+    require(shift, "shift", "float32", 2);
+    require(s1, "s1", "float64", 2);
+    require(s2, "s2", "float64", 2);
+    const int64_t n = x.shape(0), p = x.shape(1), d = x.shape(2);
+    if (shift.shape(0) != p || shift.shape(1) != d || s1.shape(0) != p || s1.shape(1) != d || s2.shape(0) != p ||
+        s2.shape(1) != d * (d + 1) / 2)
+        throw py::value_error("batch: shapes of batch [n, p, d], shift [p, d], s1 [p, d] and s2 [p, d(d+1)/2] do not match");
+    if (!s1.writeable() || !s2.writeable()) throw py::value_error("s1: the sums must be writeable");
+    const float* xp = static_cast<const float*>(x.data());
+    const float* cp = static_cast<const float*>(shift.data());
+    double* s1p = static_cast<double*>(s1.mutable_data());
+    double* s2p = static_cast<double*>(s2.mutable_data());
+    py::gil_scoped_release release;
+    active().gaussian_update(xp, n, p, d, cp, s1p, s2p);
+}
+
 }  // namespace
 
 void register_mahalanobis(py::module_& m) {
@@ -71,6 +89,9 @@ void register_mahalanobis(py::module_& m) {
           "Packed sums s2 [p,d(d+1)/2] f64, s1 [p,d] f64 of count images -> A = L^-1 of each (scatter/(count-1) "
           "+ eps I) into packed [p,d(d+1)/2] f32; held [p,h,d] f64 (deviations from the sums' shift of h of "
           "the images) -> their distances [p,h] f32 without them, else None.");
+    m.def("gaussian_update", &gaussian_update, py::arg("batch"), py::arg("shift"), py::arg("s1"), py::arg("s2"),
+          "batch [n,p,d] f32, shift [p,d] f32: s1 [p,d] f64 += sum of y = batch - shift, s2 [p,d(d+1)/2] f64 += "
+          "the packed lower triangle of sum y y^T (float64 throughout), in place.");
     m.def("mahalanobis", &mahalanobis, py::arg("features"), py::arg("mean"), py::arg("factor"),
           "features [N,P,d] f32, mean [P,d] f32, factor [P,d(d+1)/2] f32|f16 -> distances [N,P] f32.");
 }

@@ -30,3 +30,7 @@ def gaussian_factor(
     s2: npt.NDArray[np.float64], s1: npt.NDArray[np.float64], count: float, eps: float,
     packed: npt.NDArray[np.float32], held: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float32] | None: ...
+def gaussian_update(
+    batch: npt.NDArray[np.float32], shift: npt.NDArray[np.float32], s1: npt.NDArray[np.float64],
+    s2: npt.NDArray[np.float64],
+) -> None: ...

@@ -1,6 +1,8 @@
 """Gaussian fit and Mahalanobis scoring against the NumPy reference and an
 independent formulation (inverse covariance, as anomalib computes it)."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -162,8 +164,9 @@ def test_compiled_factorisation_equals_lapack(rng):
     LAPACK path, at PaDiM's dimension; a covariance that is not positive definite is
     refused by both."""
     x = correlated(rng, 60, 5, 100)
-    with K.use_backend("numba"):
-        want, want_held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[:9])
+    with K.use_backend("numba"):  # the same sums for both: only the factorisation differs
+        acc = K.GaussianAccumulator(0.01).update(x)
+        want, want_held = copy.deepcopy(acc).finalize(holdout=x[:9])
     from pyad.kernels import _backend
 
     try:
@@ -172,10 +175,36 @@ def test_compiled_factorisation_equals_lapack(rng):
         pytest.skip("no compiled kernels")
     for isa in isas:
         with K.use_backend("native", isa):
-            got, held = K.GaussianAccumulator(0.01).update(x).finalize(holdout=x[:9])
+            got, held = copy.deepcopy(acc).finalize(holdout=x[:9])
             np.testing.assert_allclose(got.factor, want.factor, rtol=1e-5, atol=1e-6 * np.abs(want.factor).max())
             np.testing.assert_allclose(held, want_held, rtol=1e-5)
             flat = x.copy()
             flat[:, :, 7] = 1.5  # a constant channel: zero variance, a zero pivot
             with pytest.raises(ValueError, match="positive definite"):
                 K.GaussianAccumulator(0.0).update(flat).finalize(holdout=flat[:3])
+
+
+@pytest.mark.parametrize("n,p,d", [(70, 3, 100), (5, 4, 1), (9, 2, 7), (3, 5, 33)])
+def test_compiled_update_equals_float64_sums(rng, n, p, d):
+    """The compiled update (every ISA; blocks of 64 images, register blocks of 4 rows that
+    overhang d) sums in float64: s1, s2 equal NumPy's float64 sums of the deviations from the
+    shift; torch's path (float32 products per batch) agrees to float32 rounding."""
+    x = correlated(rng, n, p, d) * 3 + 5
+    from pyad.kernels import _backend
+
+    try:
+        isas = _backend._core().supported_isas()
+    except ImportError:
+        pytest.skip("no compiled kernels")
+    with K.use_backend("numba"):
+        torch_path = K.GaussianAccumulator(0.01).update(x[:2]).update(x[2:])
+    for isa in isas:
+        with K.use_backend("native", isa):
+            acc = K.GaussianAccumulator(0.01).update(x[:2]).update(x[2:])
+        y = x.astype(np.float64) - acc._shift  # the shift: a float32 value of the first batch's mean
+        rows, cols = np.tril_indices(d)
+        np.testing.assert_allclose(acc._s1, y.sum(0), rtol=1e-12, atol=1e-12 * np.abs(y).sum(0).max())
+        want = np.einsum("npi,npj->pij", y, y)[:, rows, cols]
+        np.testing.assert_allclose(acc._s2, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        np.testing.assert_allclose(acc._s2, torch_path._s2, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        assert acc.count == torch_path.count == n

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "parallel.hpp"
@@ -667,6 +668,82 @@ static int64_t gaussian_factor(const double* s2, const double* s1, int64_t p, in
     return bad;
 }
 
+// Double-precision vectors of this ISA's register width (at least two lanes), for the
+// register-blocked outer-product sums below; GCC's generic vectors lower to each ISA.
+constexpr int kDoubleBytes = V::W * 4 >= 16 ? V::W * 4 : 16;
+typedef double vdouble __attribute__((vector_size(kDoubleBytes)));
+constexpr int kDL = kDoubleBytes / 8;  // lanes
+
+static inline __attribute__((always_inline)) vdouble load_vd(const double* p) {
+    vdouble v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// S (packed lower triangle, d(d+1)/2) += Y^T Y for Y = y [kn, dp] (rows zero-padded past d):
+// 4 x 2kL blocks of the product held in 8 registers over all kn images, then added to S once.
+static void packed_syrk(const double* __restrict y, int64_t kn, int64_t dp, int64_t d, double* __restrict S) {
+    for (int64_t i0 = 0; i0 < d; i0 += 4) {
+        for (int64_t j0 = 0; j0 <= min64(i0 + 3, d - 1); j0 += 2 * kDL) {
+            vdouble c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+            for (int64_t k = 0; k < kn; ++k) {
+                const double* yk = y + k * dp;
+                const vdouble a = load_vd(yk + j0), b = load_vd(yk + j0 + kDL);
+                const double y0 = yk[i0], y1 = yk[i0 + 1], y2 = yk[i0 + 2], y3 = yk[i0 + 3];
+                c00 += y0 * a; c01 += y0 * b;
+                c10 += y1 * a; c11 += y1 * b;
+                c20 += y2 * a; c21 += y2 * b;
+                c30 += y3 * a; c31 += y3 * b;
+            }
+            double c[4][2 * kDL];
+            std::memcpy(c[0], &c00, sizeof c00); std::memcpy(c[0] + kDL, &c01, sizeof c01);
+            std::memcpy(c[1], &c10, sizeof c10); std::memcpy(c[1] + kDL, &c11, sizeof c11);
+            std::memcpy(c[2], &c20, sizeof c20); std::memcpy(c[2] + kDL, &c21, sizeof c21);
+            std::memcpy(c[3], &c30, sizeof c30); std::memcpy(c[3] + kDL, &c31, sizeof c31);
+            for (int r = 0; r < 4 && i0 + r < d; ++r) {
+                const int64_t i = i0 + r;
+                double* row = S + i * (i + 1) / 2;
+                const int64_t e = min64(2 * kDL, i - j0 + 1);
+                for (int64_t v = 0; v < e; ++v) row[j0 + v] += c[r][v];
+            }
+        }
+    }
+}
+
+// The streaming Gaussian update: y_k = x[k, q] - shift[q] in float64 for each of the n images,
+// s1[q] += sum_k y_k and s2[q] += the packed lower triangle of sum_k y_k y_k^T, per position in
+// cache (position-parallel, images in blocks of 64).
+static void gaussian_update(const float* x, int64_t n, int64_t p, int64_t d, const float* shift, double* s1,
+                            double* s2) {
+    const int64_t t = d * (d + 1) / 2;
+    const int64_t nb = min64(n, 64);
+    const int64_t dp = (d + 3) / 4 * 4 + 2 * kDL;  // padded rows: whole 4-row and 2kL-column blocks
+#pragma omp parallel num_threads(pyad::num_threads())
+    {
+        const int64_t bytes = ((nb * dp * 8 + 63) / 64) * 64;
+        double* y = static_cast<double*>(std::aligned_alloc(64, bytes));
+        std::memset(y, 0, bytes);
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < p; ++q) {
+            double* m = s1 + q * d;
+            const float* c = shift + q * d;
+            for (int64_t k0 = 0; k0 < n; k0 += nb) {
+                const int64_t kn = min64(nb, n - k0);
+                for (int64_t k = 0; k < kn; ++k) {
+                    const float* xk = x + ((k0 + k) * p + q) * d;
+                    double* yk = y + k * dp;
+                    for (int64_t i = 0; i < d; ++i) {
+                        yk[i] = double(xk[i]) - double(c[i]);
+                        m[i] += yk[i];
+                    }
+                }
+                packed_syrk(y, kn, dp, d, s2 + q * t);
+            }
+        }
+        std::free(y);
+    }
+}
+
 static double stream_sum(const float* x, int64_t n) {
     double total = 0.0;
 #pragma omp parallel for num_threads(pyad::num_threads()) schedule(static) reduction(+ : total)
@@ -690,7 +767,7 @@ static const KernelTable table = {
     mahalanobis_f32, mahalanobis_f16,
     coreset_f32, coreset_f16, coreset_i8,
     patch_pool, channel_pool, patch_embed,
-    gaussian_factor,
+    gaussian_factor, gaussian_update,
     stream_sum,
 };
 

@@ -47,6 +47,11 @@ struct KernelTable {
     int64_t (*gaussian_factor)(const double* s2, const double* s1, int64_t p, int64_t d, double n,
                                double eps, float* packed, const double* held, int64_t h, float* held_out);
 
+    // s1 [p, d] += sum_k y_k and s2 [p, d(d+1)/2] += the packed lower triangle of sum_k y_k y_k^T,
+    // y_k = x[k, q] - shift[q] in float64, for x [n, p, d] float32 and shift [p, d] float32.
+    void (*gaussian_update)(const float* x, int64_t n, int64_t p, int64_t d, const float* shift, double* s1,
+                            double* s2);
+
     // Sums n floats with all threads: used to measure read bandwidth.
     double (*stream_sum)(const float* x, int64_t n);
 };

@@ -52,14 +52,25 @@ class PaDiMEmbed(nn.Module):
         feats = self.net(x)
         stage("backbone")
         maps = [feats[name] for name in self.layers]
-        size = maps[0].shape[-2:]
+        h0, w0 = maps[0].shape[-2:]
         parts = []
         for i, m in enumerate(maps):  # the channel subset before upsampling: same result, a fraction of the work
             sel = getattr(self, f"sel{i}")
-            if len(sel):
-                m = m.index_select(1, sel)
-                parts.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
-        out = torch.cat(parts, 1).flatten(2).transpose(1, 2).contiguous()
+            if not len(sel):
+                continue
+            h, w = m.shape[-2:]
+            if h0 % h or w0 % w:  # a non-integer scale: torch's nearest resize
+                parts.append(F.interpolate(m.index_select(1, sel), size=(h0, w0), mode="nearest").permute(0, 2, 3, 1))
+                continue
+            # position-major [B, h, w, k] (a view of the channels-last backbone's output); nearest
+            # upsampling by an integer factor repeats each cell, written once by the concatenation
+            # (was: select, upsample, concatenate, transpose: four passes; PaDiM R18 fit 5.5 -> 2 ms/image)
+            m = m.permute(0, 2, 3, 1).index_select(3, sel)
+            if (h, w) != (h0, w0):
+                rh, rw = h0 // h, w0 // w
+                m = m[:, :, None, :, None, :].expand(-1, h, rh, w, rw, -1).reshape(m.shape[0], h0, w0, len(sel))
+            parts.append(m)
+        out = torch.cat(parts, 3).flatten(1, 2)
         stage("embedding")
         return out
 

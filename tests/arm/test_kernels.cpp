@@ -290,6 +290,29 @@ static void test_gaussian_factor(const KernelTable& t, std::mt19937& gen) {
     }
 }
 
+static void test_gaussian_update(const KernelTable& t, std::mt19937& gen) {
+    // 70 images (a block of 64 and one of 6), d = 17 (register blocks overhang it), two calls
+    std::normal_distribution<float> nd;
+    const int64_t n = 70, p = 3, d = 17, tri = d * (d + 1) / 2;
+    std::vector<float> x(n * p * d), shift(p * d);
+    for (auto& v : x) v = 2.0f + 3.0f * nd(gen);
+    for (auto& v : shift) v = 2.0f + nd(gen);
+    std::vector<double> s1(p * d, 0.0), s2(p * tri, 0.0), w1(p * d, 0.0), w2(p * tri, 0.0);
+    t.gaussian_update(x.data(), 20, p, d, shift.data(), s1.data(), s2.data());
+    t.gaussian_update(x.data() + 20 * p * d, n - 20, p, d, shift.data(), s1.data(), s2.data());
+    for (int64_t k = 0; k < n; ++k)
+        for (int64_t q = 0; q < p; ++q)
+            for (int64_t i = 0; i < d; ++i) {
+                const double yi = double(x[(k * p + q) * d + i]) - shift[q * d + i];
+                w1[q * d + i] += yi;
+                for (int64_t j = 0; j <= i; ++j)
+                    w2[q * tri + i * (i + 1) / 2 + j] += yi * (double(x[(k * p + q) * d + j]) - shift[q * d + j]);
+            }
+    std::vector<float> g1(s1.begin(), s1.end()), g2(s2.begin(), s2.end());
+    expect_close(std::string(t.isa) + " gaussian_update s1", g1, w1, 1e-6, 1e-6);
+    expect_close(std::string(t.isa) + " gaussian_update s2", g2, w2, 1e-6, 1e-6);
+}
+
 int main() {
     std::printf("compiled ISAs:");
     for (auto& s : pyad::compiled_isas()) std::printf(" %s", s.c_str());
@@ -305,6 +328,7 @@ int main() {
         test_coreset(t, gen);
         test_pooling(t, gen);
         test_gaussian_factor(t, gen);
+        test_gaussian_update(t, gen);
         std::printf("ran the %s path: %d checks\n", t.isa, g_checks - before);
     }
     std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);

@@ -100,7 +100,10 @@ def main() -> None:
     out["quantization"] = int8.quantization_
     out["stages"] = fp32.stages_
 
-    det.save(tmp / "model.pyad", include_weights=hasattr(det, "backbone"))
+    try:  # the frozen backbone's weights too, where there is one (a trained network is always saved)
+        det.save(tmp / "model.pyad", include_weights=True)
+    except ValueError:
+        det.save(tmp / "model.pyad")
     out["bytes"] = {"pyad": (tmp / "model.pyad").stat().st_size, "onnx_fp32": (tmp / "fp32.onnx").stat().st_size,
                     "onnx_int8": (tmp / "int8.onnx").stat().st_size,
                     "weights_per_stage_fp32": fp32.footprint()["weights_bytes_per_stage"],

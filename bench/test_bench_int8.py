@@ -52,11 +52,12 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "GANomaly": ("GANomaly", {"image_size": 64, "max_epochs": 15}),
     "EfficientAD": ("EfficientAD", {"teacher": "random", "max_steps": 300}),
     "SimpleNet-mobilenet_v2": ("SimpleNet", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
-    "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "layers": ["layer4"], "max_epochs": 4}),
-    "UninformedStudents": ("UninformedStudents", {"teachers": "random", "max_epochs": 2}),
+    "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "layers": ["layer4"], "image_size": 256,
+                                  "max_epochs": 2}),
+    "UninformedStudents": ("UninformedStudents", {"teachers": "random", "max_epochs": 2, "image_size": 128}),
     "EfficientADAST-efficientnet_lite0": ("EfficientADAST", {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["stage6"], "image_size": 256,
-        "teacher_hidden": 64, "student_hidden": 128, "teacher_epochs": 4, "max_epochs": 4}),
+        "teacher_hidden": 64, "student_hidden": 128, "teacher_epochs": 2, "max_epochs": 2}),
     # supervised: fit on a labelled 60 % share of bottle's test/ folder, scored on its 20 % test share
     "DefectClassifier-efficientnet_lite0": ("DefectClassifier", {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "max_epochs": 10, "early_stopping_patience": 4}),

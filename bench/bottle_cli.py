@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """--params, --category, --latency-images, --checkpoint, --save, --load, --threads."""
+    """--params, --category, --latency-images, --checkpoint, --save, --load, --threads, --pictures."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="{}", help="JSON of detector parameters")
     ap.add_argument("--category", default="bottle")
@@ -26,6 +26,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--save", help="save the fitted model here")
     ap.add_argument("--load", help="evaluate a saved model instead of fitting")
     ap.add_argument("--threads", type=int, help="torch threads (default: pyad's; 1 is faster on a contended machine)")
+    ap.add_argument("--pictures", help="write pyad.evaluate's report and defect pictures under this folder")
     return ap
 
 
@@ -53,7 +54,8 @@ def scores(det, ds, args, fit_s: float) -> dict:
     """Evaluation on the category's test images and per-stage latency (batch 1, 3
     warm-up and 5 timed runs per image on --latency-images test images; throughput
     at batch 1 and 8)."""
-    r = pyad.evaluate(det, ds, pictures=False)[args.category]
+    pictures = getattr(args, "pictures", None)
+    r = pyad.evaluate(det, ds, out=pictures, pictures=bool(pictures))[args.category]
     lat = pyad.latency(det, ds, batch_sizes=(1, 8), max_images=args.latency_images)
     return {"category": args.category, "fit_s": round(fit_s, 1), "image_auroc": r.image_auroc,
             "pixel_auroc": r.pixel_auroc, "aupro": r.aupro, "f1_max": r.f1_max, "f1_at_validation_threshold": r.f1,

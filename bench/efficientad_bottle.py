@@ -9,6 +9,10 @@ teacher / penalty / normalisation records and the loss history.
 
 ``--teacher-from CKPT --teacher-out PTH`` first writes the PDN of a ``pyad
 distill-teacher`` checkpoint (an unfinished distillation) as a teacher file.
+``--at-checkpoint-step`` evaluates the model of a copy of a training checkpoint as it
+was at that step (max_steps set to the checkpoint's step, so nothing is trained; the
+map quantiles from the validation images as at the end of a fit). The learning rate
+had not yet decayed there: a point on the way, not a run with that budget.
 Used for the figures in docs/detectors/efficientad.md.
 """
 
@@ -34,12 +38,18 @@ def main() -> None:
     ap = bottle_cli.parser(__doc__)
     ap.add_argument("--teacher-from", help="a distill-teacher checkpoint to take the teacher from")
     ap.add_argument("--teacher-out", help="where to write that teacher (then used as params['teacher'])")
+    ap.add_argument("--at-checkpoint-step", action="store_true",
+                    help="evaluate --checkpoint (a copy) at its step instead of training on")
     args = ap.parse_args()
     params = bottle_cli.params(args)
     extra = {}
     if args.teacher_from:
         extra["teacher_distill_step"] = teacher_from_checkpoint(args.teacher_from, args.teacher_out)
         params["teacher"] = args.teacher_out
+    if args.at_checkpoint_step:
+        from pyad import modelfile
+
+        params["max_steps"] = extra["at_checkpoint_step"] = int(modelfile.read_tree(args.checkpoint)[1]["step"])
     det, ds, fit_s = bottle_cli.fit_or_load(args, lambda: pyad.EfficientAD(**params))
     out = {
         "detector": "EfficientAD", "params": {k: str(v) for k, v in det.get_params().items()},

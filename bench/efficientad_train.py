@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="random")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amp", help="autocast dtype for training: bf16 (a deviation; default float32 as the reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     stamps: list[float] = []
@@ -49,14 +50,14 @@ def main() -> None:
 
     training.Run.backward = stamped
     det = pyad.EfficientAD(model_size=args.model_size, teacher=args.teacher, penalty_images=args.penalty,
-                           image_size=args.image_size, max_steps=args.steps, seed=args.seed)
+                           image_size=args.image_size, max_steps=args.steps, seed=args.seed, amp=args.amp)
     ds = pyad.datasets.mvtec_ad(ROOT, args.category)
     t0 = time.perf_counter()
     det.fit(ds)
     fit_s = time.perf_counter() - t0
     n = len(stamps)
     out = {"runner": "bench/efficientad_train.py", "model_size": args.model_size, "image_size": args.image_size,
-           "threads": torch.get_num_threads(), "penalty": args.penalty, "teacher": args.teacher,
+           "threads": torch.get_num_threads(), "penalty": args.penalty, "teacher": args.teacher, "amp": args.amp,
            "train": {"max_steps": args.steps, "train_steps_done": n, "fit_wall_s": round(fit_s, 2)},
            "peak_rss_gb": round(vm_hwm_gb(), 3), "torch": torch.__version__}
     if n >= 2:

@@ -14,7 +14,10 @@ penalty images from /work/shared/data/imagenet_samples for both):
   autoencoder, teacher statistics, quantiles) loaded into pyad give anomalib's maps.
   anomalib normalises the maps after padding and resizing them (the reference before),
   so its border differs by c·(1 − U(P(1))), c the folded offset, which is added back;
-- per-stage latency (teacher / student / autoencoder / map) by ``pyad.latency``.
+- per-stage latency (teacher / student / autoencoder / map) by ``pyad.latency``;
+- the same with bfloat16 (a deviation, CPUs with AVX512-BF16 / AMX / Arm BF16):
+  training under ``amp="bf16"`` autocast, predict with ``precision="bfloat16"``, and
+  how far its maps are from float32's on anomalib's weights.
 
 Targets (2-core machine): pyad >= 1.5x anomalib's training steps/s and >= 1.5x lower
 predict latency (stretch 2x). Steps: PYAD_BENCH_EAD_STEPS (default 12 for S, 6 for M);
@@ -105,12 +108,17 @@ def test_anomalib_training_and_predict(anomalib, size):
         "peak_rss_gb": r["peak_rss_gb"]}
 
 
+VARIANTS = {"": "float32", "-bf16": "bfloat16"}  # RESULTS key suffix -> precision (amp="bf16" in training)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("size", list(SIZES))
-def test_pyad_training(size):
+def test_pyad_training(size, variant):
+    amp = ["--amp", "bf16"] if variant else []
     r = _json_run([sys.executable, str(HERE / "efficientad_train.py"), "--model-size", size, "--steps",
-                   str(steps(size)), "--penalty", str(PENALTY)])
-    RESULTS.setdefault("efficientad", {})[f"pyad-{size}"] = {"steps_per_s": r["train"]["steps_per_s"],
-                                                            "peak_rss_gb": r["peak_rss_gb"]}
+                   str(steps(size)), "--penalty", str(PENALTY), *amp])
+    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}{variant}", {}).update(
+        {"steps_per_s": r["train"]["steps_per_s"], "peak_rss_gb": r["peak_rss_gb"]})
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -133,31 +141,50 @@ def test_equal_maps_for_equal_weights(imported, size):
                                                                   interior, "map_scale": scale}
     assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
     assert interior <= 1e-4 * max(1.0, scale)
+    low = det.set_params(precision="bfloat16")  # the bfloat16 rows' maps on the same weights
+    try:
+        with torch.inference_mode():
+            _, maps16 = low.inference_module()(x)
+    finally:
+        det.set_params(precision="float32")
+    d16 = float((maps16 - maps).abs().max())
+    RESULTS["efficientad"][f"equal-maps-{size}"]["bf16_max_abs_diff_to_float32"] = d16
+    print(f"EfficientAD-{size.upper()} bfloat16 maps: max |diff| to float32 {d16:.4g} (map scale {scale:.4g})")
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_pyad_predict_latency(benchmark, imported, size, batch):
+def test_pyad_predict_latency(benchmark, imported, size, batch, variant):
     det, ref = imported(size)
     pre = det.preprocessing
     x = ((torch.from_numpy(ref["x"]).float() - pre.mean) / pre.std)[:batch].contiguous()
-    module = det.inference_module()
+    det.set_params(precision=VARIANTS[variant])
+    try:
+        module = det.inference_module()
 
-    def call():
-        with torch.inference_mode():
-            return module(x)
+        def call():
+            with torch.inference_mode():
+                return module(x)
 
-    record(benchmark, "efficientad predict", f"pyad-{size}-b{batch}", call, rounds=5, warmup=3)
-    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}", {}).setdefault("predict_ms", {})[batch] = (
-        1e3 * benchmark.stats.stats.min)
+        record(benchmark, "efficientad predict", f"pyad-{size}{variant}-b{batch}", call, rounds=5, warmup=3)
+    finally:
+        det.set_params(precision="float32")
+    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}{variant}", {}).setdefault("predict_ms", {})[
+        batch] = 1e3 * benchmark.stats.stats.min
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("size", list(SIZES))
-def test_stage_latency(imported, size):
+def test_stage_latency(imported, size, variant):
     det, _ = imported(size)
     ds = pyad.datasets.mvtec_ad(BOTTLE.parent, "bottle")
-    lat = pyad.latency(det, ds, batch_sizes=(1,), max_images=3)
-    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}", {})["stage_ms"] = lat.stage_ms()
+    det.set_params(precision=VARIANTS[variant])
+    try:
+        lat = pyad.latency(det, ds, batch_sizes=(1,), max_images=3)
+    finally:
+        det.set_params(precision="float32")
+    RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}{variant}", {})["stage_ms"] = lat.stage_ms()
 
 
 PAPER_MS = {"s": 2.2, "m": 4.5}  # batch 1, fp16, RTX A6000 (paper; nelson1425 benchmark.py: M 4.4 ms)
@@ -182,8 +209,8 @@ def test_cuda_fp16_latency(size):
 def test_summary():
     res = RESULTS.get("efficientad", {})
     rows, misses = {}, []
-    for size in SIZES:
-        mine, ref = res.get(f"pyad-{size}", {}), res.get(f"anomalib-{size}")
+    for size, variant in ((s, v) for s in SIZES for v in VARIANTS):
+        mine, ref = res.get(f"pyad-{size}{variant}", {}), res.get(f"anomalib-{size}")
         if not ref or "steps_per_s" not in mine or "predict_ms" not in mine:
             continue
         row = {"pyad": mine, "anomalib": ref,
@@ -191,13 +218,13 @@ def test_summary():
                "predict_speedup": {b: ref["predict_ms"][b] / mine["predict_ms"][b] for b in (1, 8)
                                    if b in mine["predict_ms"] and b in ref["predict_ms"]},
                "equal_maps": res.get(f"equal-maps-{size}")}
-        rows[size] = row
+        rows[size + variant] = row
         checks = [("training >= 1.5x", row["training_speedup"] >= 1.5)]
         checks += [(f"predict b{b} >= 1.5x", v >= 1.5) for b, v in row["predict_speedup"].items()]
         for what, ok in checks:
-            print(f"{'met ' if ok else 'MISS'} EfficientAD-{size.upper()} {what}")
+            print(f"{'met ' if ok else 'MISS'} EfficientAD-{size.upper()}{variant} {what}")
             if not ok:
-                misses.append(f"{size} {what}")
+                misses.append(f"{size}{variant} {what}")
     if not rows:
         pytest.skip("no anomalib figures in this run")
     save("efficientad", rows)

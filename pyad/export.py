@@ -146,6 +146,10 @@ def to_onnx(det: Detector, *, opset: int = OPSET):
 
     det._fitted()
     check(isinstance(opset, int) and opset >= 18, "opset", "an int >= 18 (the dynamo exporter's minimum)", opset)
+    if getattr(det, "precision", "float32") != "float32":  # the graph is float32, as its metadata says
+        import copy
+
+        det = copy.deepcopy(det).set_params(precision="float32")
     module = det.inference_module()
     if next(iter(module.buffers()), torch.zeros(0)).device.type != "cpu" or str(det.device) != "cpu":
         import copy

@@ -482,6 +482,30 @@ def test_cuda_fp16_inference_close_to_fp32(fitted, tmp_path):
     np.testing.assert_allclose(got, want, atol=2e-2 * float(np.abs(want).max()))
 
 
+
+def test_cpu_bfloat16_inference_close_to_fp32_and_exports_float32(fitted, tmp_path):
+    """precision="bfloat16" on the CPU runs the three networks in bfloat16 (maps in
+    float32, close to float32's), may be set on a fitted model, is saved with it, and
+    its ONNX export is the float32 graph (the metadata's precision)."""
+    det, train = fitted
+    want = det.predict(train[:4]).maps
+    det.save(tmp_path / "m.pyad")
+    low = pyad.load(tmp_path / "m.pyad").set_params(precision="bfloat16")
+    module = low.inference_module()
+    assert module.dtype == torch.bfloat16 and next(module.teacher.parameters()).dtype == torch.bfloat16
+    got = low.predict(train[:4]).maps
+    assert got.dtype == np.float32 and not np.array_equal(got, want)  # reduced, not float32
+    np.testing.assert_allclose(got, want, atol=3e-2 * float(np.abs(want).max()))
+    low.save(tmp_path / "low.pyad")
+    assert pyad.load(tmp_path / "low.pyad").precision == "bfloat16"
+    pytest.importorskip("onnxruntime")
+    low.export(tmp_path / "m.onnx")
+    onnx_det = pyad.load(tmp_path / "m.onnx")
+    assert onnx_det.precision_ == "float32"
+    np.testing.assert_allclose(onnx_det.predict(train[:4]).maps, want, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(want).max()))
+    assert low.precision == "bfloat16" and low.inference_module() is module  # the export left it as it was
+
 # -- distillation ---------------------------------------------------------------------------------------------------
 def _natural(tmp_path, n=6):
     folder = tmp_path / "natural"

@@ -128,7 +128,8 @@ class Detector:
     defaults: ClassVar[dict] = {}  # this detector's defaults for group parameters
     # parameters that may change on a fitted detector (they do not touch learned state)
     runtime_params: ClassVar[frozenset] = frozenset({"device", "batch_size", "precision"})
-    # precision="bfloat16" on the CPU: a bfloat16 copy of the backbone (frozen-feature family)
+    # precision="bfloat16" on the CPU: a bfloat16 copy of the backbone (frozen-feature family), or
+    # of the networks (EfficientAD)
     cpu_bfloat16: ClassVar[bool] = False
     _signature: ClassVar[inspect.Signature]
 
@@ -208,7 +209,8 @@ class Detector:
         if getattr(self, "precision", "float32") == "bfloat16" and not str(self.device).startswith("cuda"):
             if not self.cpu_bfloat16:
                 raise ValueError(f"precision: 'bfloat16' on the CPU reduces the frozen-feature detectors' backbone "
-                                 f"(PatchCore, PaDiM, SPADE); {type(self).__name__} runs it on CUDA only "
+                                 f"(PatchCore, PaDiM, SPADE) and EfficientAD's networks; {type(self).__name__} "
+                                 "runs it on CUDA only "
                                  "(device='cuda'), or use det.quantize(calibration_images) for int8")
             from ..backbones import cpu_has_bfloat16
 

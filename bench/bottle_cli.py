@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """--params, --category, --latency-images, --checkpoint, --save, --load, --threads, --pictures."""
+    """--params, --category, --latency-images, --checkpoint, --save, --load, --threads, --pictures,
+    --precision."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="{}", help="JSON of detector parameters")
     ap.add_argument("--category", default="bottle")
@@ -27,6 +28,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--load", help="evaluate a saved model instead of fitting")
     ap.add_argument("--threads", type=int, help="torch threads (default: pyad's; 1 is faster on a contended machine)")
     ap.add_argument("--pictures", help="write pyad.evaluate's report and defect pictures under this folder")
+    ap.add_argument("--precision", help="evaluate with this precision (e.g. bfloat16) after fitting or loading")
     return ap
 
 
@@ -47,7 +49,10 @@ def fit_or_load(args, make):
         det = make().fit(ds, checkpoint=args.checkpoint)
         if args.save:
             det.save(args.save)
-    return det, ds, time.perf_counter() - t0
+    fit_s = time.perf_counter() - t0
+    if getattr(args, "precision", None):
+        det.set_params(precision=args.precision)
+    return det, ds, fit_s
 
 
 def scores(det, ds, args, fit_s: float) -> dict:
@@ -61,4 +66,4 @@ def scores(det, ds, args, fit_s: float) -> dict:
             "pixel_auroc": r.pixel_auroc, "aupro": r.aupro, "f1_max": r.f1_max, "f1_at_validation_threshold": r.f1,
             "threshold": det.threshold_, "threshold_rule": det.threshold_rule_, "predict_ms_per_image": r.predict_ms,
             "latency_ms": lat.mean_ms, "stage_ms": lat.stage_ms(), "throughput_images_per_s": lat.throughput,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "precision": getattr(det, "precision", None)}

@@ -50,7 +50,7 @@ def fit_or_load(args, make):
         if args.save:
             det.save(args.save)
     fit_s = time.perf_counter() - t0
-    if getattr(args, "precision", None):
+    if args.precision:
         det.set_params(precision=args.precision)
     return det, ds, fit_s
 
@@ -59,8 +59,7 @@ def scores(det, ds, args, fit_s: float) -> dict:
     """Evaluation on the category's test images and per-stage latency (batch 1, 3
     warm-up and 5 timed runs per image on --latency-images test images; throughput
     at batch 1 and 8)."""
-    pictures = getattr(args, "pictures", None)
-    r = pyad.evaluate(det, ds, out=pictures, pictures=bool(pictures))[args.category]
+    r = pyad.evaluate(det, ds, out=args.pictures, pictures=bool(args.pictures))[args.category]
     lat = pyad.latency(det, ds, batch_sizes=(1, 8), max_images=args.latency_images)
     return {"category": args.category, "fit_s": round(fit_s, 1), "image_auroc": r.image_auroc,
             "pixel_auroc": r.pixel_auroc, "aupro": r.aupro, "f1_max": r.f1_max, "f1_at_validation_threshold": r.f1,

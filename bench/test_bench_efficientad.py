@@ -24,6 +24,7 @@ predict latency (stretch 2x). Steps: PYAD_BENCH_EAD_STEPS (default 12 for S, 6 f
 model sizes: PYAD_BENCH_EAD_SIZES (default "s,m").
 Skipped without the anomalib venv (PYAD_ANOMALIB_PYTHON or /work/anomalib-venv)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -111,6 +112,16 @@ def test_anomalib_training_and_predict(anomalib, size):
 VARIANTS = {"": "float32", "-bf16": "bfloat16"}  # RESULTS key suffix -> precision (amp="bf16" in training)
 
 
+@contextlib.contextmanager
+def precision(det, value: str):
+    """``det`` with ``precision=value`` inside, float32 again after."""
+    det.set_params(precision=value)
+    try:
+        yield det
+    finally:
+        det.set_params(precision="float32")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("size", list(SIZES))
 def test_pyad_training(size, variant):
@@ -141,12 +152,8 @@ def test_equal_maps_for_equal_weights(imported, size):
                                                                   interior, "map_scale": scale}
     assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
     assert interior <= 1e-4 * max(1.0, scale)
-    low = det.set_params(precision="bfloat16")  # the bfloat16 rows' maps on the same weights
-    try:
-        with torch.inference_mode():
-            _, maps16 = low.inference_module()(x)
-    finally:
-        det.set_params(precision="float32")
+    with precision(det, "bfloat16"), torch.inference_mode():  # the bfloat16 rows' maps on the same weights
+        _, maps16 = det.inference_module()(x)
     d16 = float((maps16 - maps).abs().max())
     RESULTS["efficientad"][f"equal-maps-{size}"]["bf16_max_abs_diff_to_float32"] = d16
     print(f"EfficientAD-{size.upper()} bfloat16 maps: max |diff| to float32 {d16:.4g} (map scale {scale:.4g})")
@@ -159,8 +166,7 @@ def test_pyad_predict_latency(benchmark, imported, size, batch, variant):
     det, ref = imported(size)
     pre = det.preprocessing
     x = ((torch.from_numpy(ref["x"]).float() - pre.mean) / pre.std)[:batch].contiguous()
-    det.set_params(precision=VARIANTS[variant])
-    try:
+    with precision(det, VARIANTS[variant]):
         module = det.inference_module()
 
         def call():
@@ -168,8 +174,6 @@ def test_pyad_predict_latency(benchmark, imported, size, batch, variant):
                 return module(x)
 
         record(benchmark, "efficientad predict", f"pyad-{size}{variant}-b{batch}", call, rounds=5, warmup=3)
-    finally:
-        det.set_params(precision="float32")
     RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}{variant}", {}).setdefault("predict_ms", {})[
         batch] = 1e3 * benchmark.stats.stats.min
 
@@ -179,11 +183,8 @@ def test_pyad_predict_latency(benchmark, imported, size, batch, variant):
 def test_stage_latency(imported, size, variant):
     det, _ = imported(size)
     ds = pyad.datasets.mvtec_ad(BOTTLE.parent, "bottle")
-    det.set_params(precision=VARIANTS[variant])
-    try:
+    with precision(det, VARIANTS[variant]):
         lat = pyad.latency(det, ds, batch_sizes=(1,), max_images=3)
-    finally:
-        det.set_params(precision="float32")
     RESULTS.setdefault("efficientad", {}).setdefault(f"pyad-{size}{variant}", {})["stage_ms"] = lat.stage_ms()
 
 

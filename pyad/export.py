@@ -57,6 +57,7 @@ onnxruntime, onnxscript).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -147,13 +148,9 @@ def to_onnx(det: Detector, *, opset: int = OPSET):
     det._fitted()
     check(isinstance(opset, int) and opset >= 18, "opset", "an int >= 18 (the dynamo exporter's minimum)", opset)
     if getattr(det, "precision", "float32") != "float32":  # the graph is float32, as its metadata says
-        import copy
-
         det = copy.deepcopy(det).set_params(precision="float32")
     module = det.inference_module()
     if next(iter(module.buffers()), torch.zeros(0)).device.type != "cpu" or str(det.device) != "cpu":
-        import copy
-
         module = copy.deepcopy(module).cpu()  # exported on the CPU; the graph itself is device-free
     size = det.preprocessing.size
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # batch 2: no 0/1 specialisation
@@ -917,8 +914,6 @@ def _refit_head(det, calibration_images, sample, method, per_channel, exclude):
     started = time.perf_counter()
     net = det._network()
     if next(net.parameters()).device.type != "cpu":
-        import copy
-
         net = copy.deepcopy(net).cpu()
     size = det.preprocessing.size
     names = list(net.layer_names)

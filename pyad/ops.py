@@ -269,6 +269,71 @@ class Mahalanobis(nn.Module):
         return torch.cat(out, 1)
 
 
+# -- weight-bound convolutions ------------------------------------------------------------------------------
+# output (Conv2d) or input (ConvTranspose2d) positions per image for the GEMM: at most 64 (weight-bound),
+# at least 16 (below, MKL's sgemm sums a column differently at batch 1 than in a batch; from 16 on it is
+# the same, so an image scores the same alone or in a batch: measured, and tested in test_ganomaly.py)
+GEMM_POSITIONS = (16, 64)
+
+
+def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a Conv2d or ConvTranspose2d. On the CPU fast path, outside
+    autograd, a layer with 16 to 64 positions per image (``GEMM_POSITIONS``) runs as
+    one GEMM straight on its weights (``conv_as_gemm``); the choice does not depend on
+    the batch size. Such a layer is weight-bound:
+    GANomaly's 4×4 convolution from 1024 to 2048 channels at 8×8 reads 134 MB of
+    weights for 1 GFLOP, and torch 2.13's oneDNN convolution copies those weights into
+    its blocked layout on every call (81 ms at batch 1 against 15 ms as a GEMM, 2
+    threads). Elsewhere (larger batches, CUDA, autograd, export) the layer itself runs."""
+    if fast_path(x) and not torch.is_grad_enabled() and _gemm_ok(layer, x):
+        return conv_as_gemm(layer, x)
+    return layer(x)
+
+
+def _gemm_ok(layer: nn.Module, x: torch.Tensor) -> bool:
+    if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) or x.dim() != 4:
+        return False
+    if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return False
+    if isinstance(layer, nn.ConvTranspose2d):
+        positions = x.shape[2] * x.shape[3]
+    else:
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        positions = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+    return GEMM_POSITIONS[0] <= positions <= GEMM_POSITIONS[1]
+
+
+def conv_as_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Conv2d (im2col, then [C_out, C_in·k²] × [C_in·k², B·L]) or ConvTranspose2d
+    ([C_out·k², C_in] × [C_in, B·H·W], then col2im) as one GEMM over the whole batch, the
+    weights read once in their own layout. groups 1, dilation 1, zero padding."""
+    w, b = layer.weight, layer.bias
+    n = x.shape[0]
+    if isinstance(layer, nn.Conv2d):
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        ho, wo = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+        cols = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # [B, C_in·k², L]
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        y = (w.reshape(w.shape[0], -1) @ cols).view(w.shape[0], n, ho, wo).transpose(0, 1)
+    else:
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        (oh, ow), (h, wd) = layer.output_padding, x.shape[2:]
+        size = ((h - 1) * sh - 2 * ph + kh + oh, (wd - 1) * sw - 2 * pw + kw + ow)
+        xs = x.reshape(n, x.shape[1], h * wd).transpose(0, 1).reshape(x.shape[1], n * h * wd)
+        cols = (w.reshape(w.shape[0], -1).T @ xs).view(-1, n, h * wd).transpose(0, 1)  # [B, C_out·k², H·W]
+        y = F.fold(cols, size, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+    if b is not None:
+        y = y + b.view(1, -1, 1, 1)
+    return y.contiguous()
+
+
+def sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layers`` in order, their convolutions through ``conv``."""
+    for layer in layers:
+        x = conv(layer, x) if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) else layer(x)
+    return x
+
+
 # -- maps ----------------------------------------------------------------------------------------------------
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """The 1-d kernel of ``scipy.ndimage.gaussian_filter`` (truncate 4)."""

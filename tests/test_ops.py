@@ -1,5 +1,5 @@
 """The exportable ops against direct formulations: chunked k-NN, channel pooling,
-the Mahalanobis twin, blur and upsampling."""
+the Mahalanobis twin, convolutions as GEMMs, blur and upsampling."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyad import kernels as K
+from pyad import ops
 from pyad.ops import Mahalanobis, NearestNeighbours, PatchEmbed, _knn, channel_pool, knn, portable
 
 
@@ -88,3 +89,47 @@ def test_bounded_search_is_exact(k, structured):
     fell_back = index.fallbacks / len(q)
     assert fell_back < 0.1 if structured else fell_back > 0.9
     assert index.second_looks >= index.fallbacks  # the exhaustive search only after 8x the candidates
+
+
+CONVS = [  # (layer, input height and width)
+    (lambda: torch.nn.Conv2d(16, 24, 4, 2, 1, bias=False), (6, 5)),  # GANomaly's encoder pyramid
+    (lambda: torch.nn.Conv2d(16, 8, 3, 1, 1), (6, 5)),  # bias, stride 1
+    (lambda: torch.nn.Conv2d(16, 8, (3, 2), (2, 1), (0, 1)), (6, 5)),  # non-square everything
+    (lambda: torch.nn.Conv2d(16, 5, 4, 1, 0, bias=False), (4, 4)),  # GANomaly's final 4x4 -> 1x1
+    (lambda: torch.nn.ConvTranspose2d(16, 24, 4, 2, 1, bias=False), (6, 5)),  # GANomaly's decoder pyramid
+    (lambda: torch.nn.ConvTranspose2d(16, 8, 4, 1, 0), (1, 1)),  # GANomaly's 1x1 -> 4x4, with a bias
+    (lambda: torch.nn.ConvTranspose2d(16, 8, 3, 2, 1, output_padding=1), (6, 5)),
+    (lambda: torch.nn.ConvTranspose2d(16, 8, (3, 2), (2, 1), (1, 0)), (6, 5)),
+]
+
+
+@pytest.mark.parametrize("make,hw", CONVS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_convolution_as_one_gemm_equals_the_layer(make, hw, batch):
+    torch.manual_seed(0)
+    layer, x = make(), torch.randn(batch, 16, *hw)
+    with torch.no_grad():
+        want, got = layer(x), ops.conv_as_gemm(layer, x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_takes_the_gemm_for_16_to_64_positions_outside_autograd_on_the_cpu_fast_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "conv_as_gemm", lambda layer, x: calls.append(x.shape) or layer(x))
+    conv = torch.nn.Conv2d(4, 4, 4, 2, 1)
+    small, large = torch.randn(5, 4, 16, 16), torch.randn(1, 4, 18, 18)  # 64 and 81 output positions per image
+    with torch.no_grad():
+        ops.conv(conv, small)
+        ops.conv(conv, large)
+        with portable():  # what export runs
+            ops.conv(conv, small)
+        ops.conv(conv, torch.randn(1, 4, 6, 6))  # 9 output positions: below 16, the layer runs
+        ops.conv(torch.nn.Conv2d(4, 4, 3, dilation=2), small)  # dilation: not handled, the layer runs
+        ops.conv(torch.nn.Conv2d(4, 4, 3, groups=2), small)
+    ops.conv(conv, small)  # autograd on: the layer runs
+    assert calls == [small.shape]
+    with torch.no_grad():
+        ops.conv(torch.nn.ConvTranspose2d(4, 4, 4, 2, 1), torch.randn(3, 4, 8, 8))  # input positions count
+        ops.conv(torch.nn.ConvTranspose2d(4, 4, 4, 2, 1), torch.randn(3, 4, 8, 9))
+    assert calls == [small.shape, (3, 4, 8, 8)]

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .. import training
-from ..ops import gaussian_blur
+from ..ops import gaussian_blur, sequential
 from .base import register, stage
 from .settings import check
 from .trained import TrainedDetector
@@ -89,7 +89,7 @@ class Encoder(nn.Module):
         self.main = main
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+        return sequential(self.main, x)  # the weight-bound layers as GEMMs when predicting on the CPU (ops.conv)
 
 
 class Decoder(nn.Module):
@@ -119,7 +119,7 @@ class Decoder(nn.Module):
         self.main = main
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.main(z)
+        return sequential(self.main, z)  # the weight-bound layers as GEMMs when predicting on the CPU (ops.conv)
 
 
 class NetG(nn.Module):

@@ -54,7 +54,9 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "SimpleNet-mobilenet_v2": ("SimpleNet", {"backbone": "mobilenet_v2", "weights": MNV2, "max_epochs": 4}),
     "AST-mobilenet_v2": ("AST", {"backbone": "mobilenet_v2", "weights": MNV2, "layers": ["layer4"], "image_size": 256,
                                   "max_epochs": 2}),
-    "UninformedStudents": ("UninformedStudents", {"teachers": "random", "max_epochs": 2, "image_size": 128}),
+    "UninformedStudents": ("UninformedStudents", {  # the budget configuration of its bottle page
+        "teachers": "random", "patch_sizes": [33, 65], "n_students": 3, "width": 32, "dim": 64, "image_size": 128,
+        "train_crop": 32, "max_epochs": 2}),
     "EfficientADAST-efficientnet_lite0": ("EfficientADAST", {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "layers": ["stage6"], "image_size": 256,
         "teacher_hidden": 64, "student_hidden": 128, "teacher_epochs": 2, "max_epochs": 2}),

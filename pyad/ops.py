@@ -278,13 +278,13 @@ GEMM_POSITIONS = (16, 64)
 
 def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a Conv2d or ConvTranspose2d. On the CPU fast path, outside
-    autograd, a layer with 16 to 64 positions per image (``GEMM_POSITIONS``) runs as
-    one GEMM straight on its weights (``conv_as_gemm``); the choice does not depend on
-    the batch size. Such a layer is weight-bound:
-    GANomaly's 4×4 convolution from 1024 to 2048 channels at 8×8 reads 134 MB of
-    weights for 1 GFLOP, and torch 2.13's oneDNN convolution copies those weights into
-    its blocked layout on every call (81 ms at batch 1 against 15 ms as a GEMM, 2
-    threads). Elsewhere (larger batches, CUDA, autograd, export) the layer itself runs."""
+    autograd, a layer with 16 to 64 positions per image (``GEMM_POSITIONS``; the choice
+    does not depend on the batch size) runs as one GEMM straight on its weights
+    (``conv_as_gemm``). Such a layer is weight-bound: GANomaly's 4×4 convolution from
+    1024 to 2048 channels at 8×8 reads 134 MB of weights for 1 GFLOP, and torch 2.13's
+    oneDNN convolution copies those weights into its blocked layout on every call (81 ms
+    at batch 1 against 15 ms as a GEMM, 2 threads). Elsewhere (CUDA, autograd, export,
+    other layers) the layer itself runs."""
     if fast_path(x) and not torch.is_grad_enabled() and _gemm_ok(layer, x):
         return conv_as_gemm(layer, x)
     return layer(x)
@@ -295,12 +295,13 @@ def _gemm_ok(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         return False
-    if isinstance(layer, nn.ConvTranspose2d):
-        positions = x.shape[2] * x.shape[3]
-    else:
-        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-        positions = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-    return GEMM_POSITIONS[0] <= positions <= GEMM_POSITIONS[1]
+    ho, wo = x.shape[2:] if isinstance(layer, nn.ConvTranspose2d) else _conv_output_size(layer, x)
+    return GEMM_POSITIONS[0] <= ho * wo <= GEMM_POSITIONS[1]
+
+
+def _conv_output_size(layer: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
 
 
 def conv_as_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -310,8 +311,7 @@ def conv_as_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w, b = layer.weight, layer.bias
     n = x.shape[0]
     if isinstance(layer, nn.Conv2d):
-        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-        ho, wo = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+        ho, wo = _conv_output_size(layer, x)
         cols = F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # [B, C_in·k², L]
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
         y = (w.reshape(w.shape[0], -1) @ cols).view(w.shape[0], n, ho, wo).transpose(0, 1)

@@ -186,7 +186,7 @@ def test_scores_are_scaled_with_validation_statistics_only(data):
     assert det.threshold_ == pytest.approx(float(np.quantile(val, 0.99, method="higher")), abs=1e-6)
     # the test images do not move the scale: scored alone or with others, the same
     # (compared in raw units: these tiny networks' validation distances lie within 2% of each
-    # other, so the scale magnifies float32 rounding a million-fold)
+    # other, so the min-max scale magnifies float32 rounding 50-fold)
     alone = np.concatenate([det.predict(test[i : i + 1]).scores for i in range(len(test))])
     span = det.score_max_ - det.score_min_
     np.testing.assert_allclose(alone * span, det.predict(test).scores * span, rtol=0, atol=1e-6 * det.score_max_)

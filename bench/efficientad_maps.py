@@ -17,6 +17,7 @@ from PIL import Image
 
 import pyad
 from pyad import metrics
+from pyad.ops import upsample
 from bottle_cli import ROOT
 
 
@@ -39,7 +40,7 @@ def main() -> None:
             st, ae = module(x, raw=True)
         for name, m in (("st", a * st + c / 2), ("ae", b * ae + c / 2), ("combined", a * st + b * ae + c)):
             m = F.pad(m, (lo, hi, lo, hi))
-            parts[name].append(F.interpolate(m[:, None], size=(s, s), mode="bilinear", align_corners=False)[0, 0])
+            parts[name].append(upsample(m, s)[0])  # as the module's forward: pad, then upsample
         mask = sample.mask()
         masks.append(np.asarray(Image.fromarray(mask).resize((s, s), Image.NEAREST)))
         labels.append(sample.label)

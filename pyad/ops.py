@@ -277,7 +277,7 @@ GEMM_POSITIONS = (16, 64)
 
 
 def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a Conv2d or ConvTranspose2d. On the CPU fast path, outside
+    """``layer(x)``. For a Conv2d or ConvTranspose2d on the CPU fast path, outside
     autograd, a layer with 16 to 64 positions per image (``GEMM_POSITIONS``; the choice
     does not depend on the batch size) runs as one GEMM straight on its weights
     (``conv_as_gemm``). Such a layer is weight-bound: GANomaly's 4×4 convolution from
@@ -328,9 +328,9 @@ def conv_as_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layers`` in order, their convolutions through ``conv``."""
+    """Run ``layers`` in order, each through ``conv`` (which runs any other layer as is)."""
     for layer in layers:
-        x = conv(layer, x) if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) else layer(x)
+        x = conv(layer, x)
     return x
 
 

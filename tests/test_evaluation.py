@@ -113,12 +113,21 @@ def test_evaluate_rejects_bad_data(data, tmp_path):
 
 def test_latency_protocol_and_pytest_benchmark_json(data, tmp_path):
     det = pyad.PatchCore(coreset_ratio=0.5, **SMALL).fit(data[0])
-    calls = []
+    calls, staged = [], []
     original = det.predict
-    det.predict = lambda imgs, stage_times=None: calls.append(len(imgs)) or original(imgs, stage_times=stage_times)
+
+    def predict(imgs, stage_times=None):
+        calls.append(len(imgs))
+        staged.append(stage_times is not None)
+        return original(imgs, stage_times=stage_times)
+
+    det.predict = predict
     lat = latency(det, data[0], warmup=3, runs=5, batch_sizes=(1, 4), max_images=2)
     # 2 images x (3 warm-up + 5 timed), then per batch size 1 warm-up + 5 timed
     assert calls == [1] * 16 + [1] * 6 + [4] * 6
+    # per image, warm-up takes the stage-timed path as the timed runs do (ONNX Runtime builds
+    # its per-stage sessions on the first such call: it must not land in a timed run)
+    assert staged == [True] * 16 + [False] * 12
     assert len(lat.per_image) == 2 and set(lat.throughput) == {1, 4}
     assert {"backbone", "embedding", "search", "map"} <= set(lat.stages)
     assert sum(lat.stage_ms().values()) <= lat.mean_ms * 1.05

@@ -19,6 +19,7 @@ void register_mahalanobis(py::module_& m);
 void register_coreset(py::module_& m);
 void register_pooling(py::module_& m);
 void register_png(py::module_& m);
+void register_conv(py::module_& m);
 
 inline bool has_dtype(const py::array& a, const char* dtype) { return a.dtype().is(py::dtype(dtype)); }
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ops
+
 # Official torchvision ImageNet checkpoints; the hex in each name is the start
 # of the file's SHA-256, checked on download (as torch.hub does).
 URLS = {
@@ -101,6 +103,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
+        if isinstance(self.bn2, nn.Identity):  # BatchNorm folded (frozen()): ops.conv's fast convolutions
+            return ops.conv(self.conv2, ops.conv(self.conv1, x, relu=True), relu=True, residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
@@ -122,6 +126,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
+        if isinstance(self.bn3, nn.Identity):  # BatchNorm folded (frozen()): ops.conv's fast convolutions
+            out = ops.conv(self.conv2, ops.conv(self.conv1, x, relu=True), relu=True)
+            return ops.conv(self.conv3, out, relu=True, residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + identity)

@@ -539,11 +539,15 @@ def _kernels(args) -> int:
     fitted = K.gaussian_fit(feats[:32])
     bank = rng.standard_normal((20000, 128)).astype(np.float32)
     fmap = rng.standard_normal((4, 256, 28, 28)).astype(np.float32)
+    import torch
+
+    conv_x, conv_u = torch.from_numpy(fmap[:, :128]), K.winograd_weights(rng.standard_normal((128, 128, 3, 3)))
     jobs = {
         "mahalanobis   8x196x64": lambda: K.mahalanobis(feats[32:], fitted),
         "greedy_coreset 20000x128, k=200": lambda: K.greedy_coreset(bank, 200),
         "patch_pool    4x256x28x28": lambda: K.patch_pool(fmap),
         "patch_embed   4x256x28x28 -> 1024": lambda: K.patch_embed(fmap, 1024),
+        "winograd_conv3x3 4x128x28x28 -> 128": lambda: K.winograd_conv3x3(conv_x, conv_u).numpy(),
     }
     backends = ["numpy"]
     for name in ("numba", "native"):

@@ -744,6 +744,156 @@ static void gaussian_update(const float* x, int64_t n, int64_t p, int64_t d, con
     }
 }
 
+// ---------------------------------------------------------------------------
+// Winograd convolutions F(4x4, 3x3) and F(3x3, 4x4) (Lavin & Gray, CVPR 2016), the
+// transforms only: an r x r stride-1 convolution (r = 3 or 4) becomes, per 6x6 input
+// tile d (m x m outputs, m = 7 - r), 36 independent channel GEMMs M = V U with
+// V = B^T d B and U = G g G^T (the weights, transformed once in Python), and
+// Y = A^T M A. Interpolation points 0, +-1, +-2 and infinity for both: B^T is the same
+// matrix, A^T (m x 6) differs in its last row (reference.py derives and tests them).
+// The Python layer runs the GEMMs (torch.bmm); these loops do the memory-bound parts
+// channels-last, one SIMD vector of channels at a time. x [b, h, w, c], zero padding
+// `pad`; output ho = h + 2 pad - r + 1 (same for w); tiles t = (n th + ty) tw + tx,
+// th = ceil(ho / m), tw = ceil(wo / m); a call handles tiles [t0, t0 + tc) and
+// v / m are [36, tc, c] / [36, tc, k].
+// ---------------------------------------------------------------------------
+struct S1 {  // one lane: the channel tail of every ISA
+    using reg = float;
+    static constexpr int W = 1;
+    static reg zero() { return 0.0f; }
+    static reg set1(float v) { return v; }
+    static reg load(const float* p) { return *p; }
+    static void store(float* p, reg v) { *p = v; }
+    static reg add(reg a, reg b) { return a + b; }
+    static reg sub(reg a, reg b) { return a - b; }
+    static reg mul(reg a, reg b) { return a * b; }
+    static reg max(reg a, reg b) { return a > b ? a : b; }
+    static reg fma(reg a, reg b, reg c) { return a * b + c; }
+};
+
+// B^T d for one column of 6 values (in place, d[i * step])
+template <class R>
+static inline void wino_bt(typename R::reg* d, int step) {
+    using reg = typename R::reg;
+    const reg d0 = d[0], d1 = d[step], d2 = d[2 * step], d3 = d[3 * step], d4 = d[4 * step], d5 = d[5 * step];
+    const reg four = R::set1(4.0f), mfour = R::set1(-4.0f), mfive = R::set1(-5.0f), two = R::set1(2.0f);
+    d[0] = R::fma(mfive, d2, R::fma(four, d0, d4));
+    d[step] = R::fma(mfour, R::add(d1, d2), R::add(d3, d4));
+    d[2 * step] = R::fma(four, R::sub(d1, d2), R::sub(d4, d3));
+    d[3 * step] = R::fma(two, R::sub(d3, d1), R::sub(d4, d2));
+    d[4 * step] = R::fma(two, R::sub(d1, d3), R::sub(d4, d2));
+    d[5 * step] = R::fma(mfive, d3, R::fma(four, d1, d5));
+}
+
+// A^T m for 6 values m[i * step] -> M = 7 - r values o[i * ostep]
+template <class R, int M>
+static inline void wino_at(const typename R::reg* m, int step, typename R::reg* o, int ostep) {
+    using reg = typename R::reg;
+    const reg a = R::add(m[step], m[2 * step]), b = R::sub(m[step], m[2 * step]);
+    const reg c = R::add(m[3 * step], m[4 * step]), e = R::sub(m[3 * step], m[4 * step]);
+    o[0] = R::add(R::add(m[0], a), c);
+    o[ostep] = R::fma(R::set1(2.0f), e, b);
+    if (M == 4) {
+        o[2 * ostep] = R::fma(R::set1(4.0f), c, a);
+        o[3 * ostep] = R::add(R::fma(R::set1(8.0f), e, b), m[5 * step]);
+    } else {
+        o[2 * ostep] = R::add(R::fma(R::set1(4.0f), c, a), m[5 * step]);
+    }
+}
+
+struct WinoGeometry {
+    int64_t b, h, w, ho, wo, th, tw;
+    int pad, m;
+};
+
+static WinoGeometry wino_geometry(int64_t b, int64_t h, int64_t w, int64_t ho, int64_t wo, int r, int pad) {
+    const int m = 7 - r;
+    return WinoGeometry{b, h, w, ho, wo, (ho + m - 1) / m, (wo + m - 1) / m, pad, m};
+}
+
+template <class R>
+static inline void wino_in_tile(const float* x, const WinoGeometry& g, int64_t c, int64_t n, int64_t y0, int64_t x0,
+                                int64_t ch, float* v, int64_t vstride) {
+    using reg = typename R::reg;
+    reg d[36];
+    for (int i = 0; i < 6; ++i) {
+        const int64_t y = y0 + i;
+        for (int j = 0; j < 6; ++j) {
+            const int64_t xx = x0 + j;
+            d[i * 6 + j] = (y >= 0 && y < g.h && xx >= 0 && xx < g.w) ? R::load(x + ((n * g.h + y) * g.w + xx) * c + ch)
+                                                                       : R::zero();
+        }
+    }
+    for (int j = 0; j < 6; ++j) wino_bt<R>(d + j, 6);      // columns: B^T d
+    for (int i = 0; i < 6; ++i) wino_bt<R>(d + i * 6, 1);  // rows: (B^T d) B
+    for (int e = 0; e < 36; ++e) R::store(v + e * vstride + ch, d[e]);
+}
+
+static void winograd_input(const float* x, int64_t b, int64_t h, int64_t w, int64_t c, int r, int pad, int64_t t0,
+                           int64_t tc, float* v) {
+    const WinoGeometry g = wino_geometry(b, h, w, h + 2 * pad - r + 1, w + 2 * pad - r + 1, r, pad);
+    const int64_t vstride = tc * c;
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
+    for (int64_t t = 0; t < tc; ++t) {
+        const int64_t tile = t0 + t, n = tile / (g.th * g.tw), q = tile % (g.th * g.tw);
+        const int64_t y0 = (q / g.tw) * g.m - pad, x0 = (q % g.tw) * g.m - pad;
+        float* vt = v + t * c;
+        int64_t ch = 0;
+        for (; ch + V::W <= c; ch += V::W) wino_in_tile<V>(x, g, c, n, y0, x0, ch, vt, vstride);
+        for (; ch < c; ++ch) wino_in_tile<S1>(x, g, c, n, y0, x0, ch, vt, vstride);
+    }
+}
+
+template <class R, int M>
+static inline void wino_out_tile(const float* m, int64_t mstride, const WinoGeometry& g, int64_t k, int64_t n,
+                                 int64_t y0, int64_t x0, int64_t ch, const float* bias, const float* res, bool relu,
+                                 float* out) {
+    using reg = typename R::reg;
+    reg q[36], t[6 * M], o[M * M];
+    for (int e = 0; e < 36; ++e) q[e] = R::load(m + e * mstride + ch);
+    for (int j = 0; j < 6; ++j) wino_at<R, M>(q + j, 6, t + j, 6);          // columns: A^T M -> t [M][6]
+    for (int i = 0; i < M; ++i) wino_at<R, M>(t + i * 6, 1, o + i * M, 1);  // rows: (A^T M) A -> o [M][M]
+    const reg bv = bias ? R::load(bias + ch) : R::zero();
+    for (int i = 0; i < M; ++i) {
+        const int64_t y = y0 + i;
+        if (y >= g.ho) break;
+        for (int j = 0; j < M; ++j) {
+            const int64_t xx = x0 + j;
+            if (xx >= g.wo) break;
+            const int64_t at = ((n * g.ho + y) * g.wo + xx) * k + ch;
+            reg r = R::add(o[i * M + j], bv);
+            if (res) r = R::add(r, R::load(res + at));
+            if (relu) r = R::max(r, R::zero());
+            R::store(out + at, r);
+        }
+    }
+}
+
+template <int M>
+static void wino_output(const float* m, const WinoGeometry& g, int64_t k, int64_t t0, int64_t tc, const float* bias,
+                        const float* res, int relu, float* out) {
+    const int64_t mstride = tc * k;
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
+    for (int64_t t = 0; t < tc; ++t) {
+        const int64_t tile = t0 + t, n = tile / (g.th * g.tw), q = tile % (g.th * g.tw);
+        const int64_t y0 = (q / g.tw) * M, x0 = (q % g.tw) * M;
+        const float* mt = m + t * k;
+        int64_t ch = 0;
+        for (; ch + V::W <= k; ch += V::W)
+            wino_out_tile<V, M>(mt, mstride, g, k, n, y0, x0, ch, bias, res, relu, out);
+        for (; ch < k; ++ch) wino_out_tile<S1, M>(mt, mstride, g, k, n, y0, x0, ch, bias, res, relu, out);
+    }
+}
+
+static void winograd_output(const float* m, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
+                            int64_t tc, const float* bias, const float* res, int relu, float* out) {
+    const WinoGeometry g = wino_geometry(b, 0, 0, ho, wo, r, 0);
+    if (r == 3)
+        wino_output<4>(m, g, k, t0, tc, bias, res, relu, out);
+    else
+        wino_output<3>(m, g, k, t0, tc, bias, res, relu, out);
+}
+
 static double stream_sum(const float* x, int64_t n) {
     double total = 0.0;
 #pragma omp parallel for num_threads(pyad::num_threads()) schedule(static) reduction(+ : total)
@@ -768,6 +918,7 @@ static const KernelTable table = {
     coreset_f32, coreset_f16, coreset_i8,
     patch_pool, channel_pool, patch_embed,
     gaussian_factor, gaussian_update,
+    winograd_input, winograd_output,
     stream_sum,
 };
 

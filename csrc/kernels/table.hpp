@@ -52,6 +52,15 @@ struct KernelTable {
     void (*gaussian_update)(const float* x, int64_t n, int64_t p, int64_t d, const float* shift, double* s1,
                             double* s2);
 
+    // Winograd F(4x4, 3x3) (r = 3) and F(3x3, 4x4) (r = 4) transforms of an r x r stride-1 convolution
+    // (impl.hpp): tiles [t0, t0 + tc) of x [b, h, w, c] (zero padding pad) -> v [36, tc, c];
+    // m [36, tc, k] -> out [b, ho, wo, k] with + bias [k] (or null), + res [b, ho, wo, k] (or null),
+    // then max(0, .) if relu.
+    void (*winograd_input)(const float* x, int64_t b, int64_t h, int64_t w, int64_t c, int r, int pad, int64_t t0,
+                           int64_t tc, float* v);
+    void (*winograd_output)(const float* m, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
+                            int64_t tc, const float* bias, const float* res, int relu, float* out);
+
     // Sums n floats with all threads: used to measure read bandwidth.
     double (*stream_sum)(const float* x, int64_t n);
 };

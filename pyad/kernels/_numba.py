@@ -303,3 +303,86 @@ def channel_pool(x, out_dim):
     out = np.empty((x.shape[0], out_dim), dtype=np.float32)
     _channel_pool(x, out)
     return out
+
+
+@_jit
+def _bt6(d, step, off, c):  # pragma: no cover - compiled
+    # B^T of Winograd F(4x4, 3x3) on d[off + i·step + ch], i < 6, for every channel (reference.py)
+    for ch in range(c):
+        d0, d1, d2 = d[off + ch], d[off + step + ch], d[off + 2 * step + ch]
+        d3, d4, d5 = d[off + 3 * step + ch], d[off + 4 * step + ch], d[off + 5 * step + ch]
+        d[off + ch] = 4 * d0 - 5 * d2 + d4
+        d[off + step + ch] = -4 * (d1 + d2) + d3 + d4
+        d[off + 2 * step + ch] = 4 * (d1 - d2) + d4 - d3
+        d[off + 3 * step + ch] = 2 * (d3 - d1) + d4 - d2
+        d[off + 4 * step + ch] = 2 * (d1 - d3) + d4 - d2
+        d[off + 5 * step + ch] = 4 * d1 - 5 * d3 + d5
+
+
+@_pjit
+def winograd_input(x, pad, t0, out):  # pragma: no cover - compiled
+    b, h, w, c = x.shape
+    tc = out.shape[1]
+    th, tw = (h + 2 * pad + 1) // 4, (w + 2 * pad + 1) // 4
+    for t in numba.prange(tc):
+        n, r = (t0 + t) // (th * tw), (t0 + t) % (th * tw)
+        y0, x0 = (r // tw) * 4 - pad, (r % tw) * 4 - pad
+        d = np.zeros(36 * c, dtype=np.float32)
+        for i in range(6):
+            for j in range(6):
+                if 0 <= y0 + i < h and 0 <= x0 + j < w:
+                    d[(i * 6 + j) * c:(i * 6 + j + 1) * c] = x[n, y0 + i, x0 + j]
+        for j in range(6):
+            _bt6(d, 6 * c, j * c, c)
+        for i in range(6):
+            _bt6(d, c, i * 6 * c, c)
+        for e in range(36):
+            out[e, t] = d[e * c:(e + 1) * c]
+
+
+@_jit
+def _at6(m, step, off, o, ostep, ooff, c):  # pragma: no cover - compiled
+    for ch in range(c):
+        a = m[off + step + ch] + m[off + 2 * step + ch]
+        bb = m[off + step + ch] - m[off + 2 * step + ch]
+        cc = m[off + 3 * step + ch] + m[off + 4 * step + ch]
+        e = m[off + 3 * step + ch] - m[off + 4 * step + ch]
+        o[ooff + ch] = m[off + ch] + a + cc
+        o[ooff + ostep + ch] = bb + 2 * e
+        o[ooff + 2 * ostep + ch] = a + 4 * cc
+        o[ooff + 3 * ostep + ch] = bb + 8 * e + m[off + 5 * step + ch]
+
+
+@_pjit
+def _winograd_output(m, t0, bias, has_bias, res, has_res, relu, out):  # pragma: no cover - compiled
+    b, ho, wo, k = out.shape
+    tc = m.shape[1]
+    th, tw = (ho + 3) // 4, (wo + 3) // 4
+    for t in numba.prange(tc):
+        n, r = (t0 + t) // (th * tw), (t0 + t) % (th * tw)
+        y0, x0 = (r // tw) * 4, (r % tw) * 4
+        q = np.empty(36 * k, dtype=np.float32)
+        for e in range(36):
+            q[e * k:(e + 1) * k] = m[e, t]
+        tmp = np.empty(24 * k, dtype=np.float32)
+        o = np.empty(16 * k, dtype=np.float32)
+        for j in range(6):
+            _at6(q, 6 * k, j * k, tmp, 6 * k, j * k, k)
+        for i in range(4):
+            _at6(tmp, k, i * 6 * k, o, k, i * 4 * k, k)
+        for i in range(min(4, ho - y0)):
+            for j in range(min(4, wo - x0)):
+                v = o[(i * 4 + j) * k:(i * 4 + j + 1) * k]
+                if has_bias:
+                    v = v + bias
+                if has_res:
+                    v = v + res[n, y0 + i, x0 + j]
+                if relu:
+                    v = np.maximum(v, np.float32(0.0))
+                out[n, y0 + i, x0 + j] = v
+
+
+def winograd_output(m, t0, bias, residual, relu, out):
+    empty = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    _winograd_output(m, t0, np.zeros(out.shape[3], np.float32) if bias is None else bias, bias is not None,
+                     empty if residual is None else residual, residual is not None, bool(relu), out)

@@ -547,7 +547,7 @@ def _kernels(args) -> int:
         "greedy_coreset 20000x128, k=200": lambda: K.greedy_coreset(bank, 200),
         "patch_pool    4x256x28x28": lambda: K.patch_pool(fmap),
         "patch_embed   4x256x28x28 -> 1024": lambda: K.patch_embed(fmap, 1024),
-        "winograd_conv3x3 4x128x28x28 -> 128": lambda: K.winograd_conv3x3(conv_x, conv_u).numpy(),
+        "winograd_conv 3x3 4x128x28x28 -> 128": lambda: K.winograd_conv(conv_x, conv_u).numpy(),
     }
     backends = ["numpy"]
     for name in ("numba", "native"):

@@ -280,12 +280,12 @@ GEMM_POSITIONS = (16, 64)
 def conv(layer: nn.Module, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``relu?(layer(x) + residual)``. On the CPU fast path, outside autograd:
 
-    - a dense 3x3 stride-1 Conv2d (``_winograd_ok``) runs as Winograd F(4x4, 3x3)
-      (``pyad.kernels.winograd``: 4x fewer multiplications; bias, residual and ReLU fused
-      into its output transform). Measured on 2 cores (AVX2), batch 16: ResNet-18's and
-      Wide-ResNet-50-2's 3x3 layers 1.6-2.9x faster than torch 2.13's oneDNN convolution.
-      Rounding differs from the direct convolution by about 1e-5 of the output's scale.
-      ``PYAD_WINOGRAD=0`` turns it off.
+    - a dense 3x3 or 4x4 stride-1 Conv2d (``_winograd_ok``) runs as Winograd F(4x4, 3x3) or
+      F(3x3, 4x4) (``pyad.kernels.winograd``: 4x fewer multiplications; bias, residual and
+      ReLU fused into its output transform). Measured on 2 cores (AVX2), batch 16:
+      ResNet-18's and Wide-ResNet-50-2's 3x3 layers 1.6-2.9x faster than torch 2.13's oneDNN
+      convolution. Rounding differs from the direct convolution by about 1e-5 of the output's
+      scale. ``PYAD_WINOGRAD=0`` turns it off.
     - a Conv2d or ConvTranspose2d with 16 to 64 positions per image (``GEMM_POSITIONS``;
       the choice does not depend on the batch size) runs as one GEMM straight on its
       weights (``conv_as_gemm``). Such a layer is weight-bound: GANomaly's 4x4 convolution
@@ -310,8 +310,8 @@ def _epilogue(y: torch.Tensor, relu: bool, residual: torch.Tensor | None) -> tor
     return F.relu(y) if relu else y
 
 
-# a 3x3 layer takes Winograd with at least this many input and output channels and 16 output tiles
-# (13x13 outputs) per image: below, the transforms cost more than the multiplications they save
+# a 3x3 or 4x4 layer takes Winograd with at least this many input and output channels and 16 output
+# tiles (13x13 outputs for 3x3, 10x10 for 4x4) per image: below, the transforms cost more than the multiplications they save
 # (measured at batch 1: 8x8 maps run faster as one GEMM or directly). With one tile per image MKL's GEMM
 # sums a row differently alone than in a batch; from 4 tiles on the results are bitwise equal, so an
 # image scores the same alone and in a batch (tested in test_winograd.py)
@@ -322,14 +322,16 @@ WINOGRAD_MIN_TILES = 16
 def _winograd_ok(layer: nn.Module, x: torch.Tensor) -> bool:
     if type(layer) is not nn.Conv2d or x.dim() != 4 or x.dtype != torch.float32:
         return False
-    if (layer.kernel_size != (3, 3) or layer.stride != (1, 1) or layer.dilation != (1, 1) or layer.groups != 1
-            or layer.padding_mode != "zeros" or isinstance(layer.padding, str)
-            or layer.padding[0] != layer.padding[1] or layer.padding[0] > 2):
+    r = layer.kernel_size[0]
+    if (layer.kernel_size not in ((3, 3), (4, 4)) or layer.stride != (1, 1) or layer.dilation != (1, 1)
+            or layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str)
+            or layer.padding[0] != layer.padding[1] or layer.padding[0] > r - 1):
         return False
     if min(layer.in_channels, layer.out_channels) < WINOGRAD_MIN_CHANNELS:
         return False
     ho, wo = _conv_output_size(layer, x)
-    if ((ho + 3) // 4) * ((wo + 3) // 4) < WINOGRAD_MIN_TILES or os.environ.get("PYAD_WINOGRAD", "1") == "0":
+    m = 7 - r  # outputs per tile side
+    if ((ho + m - 1) // m) * ((wo + m - 1) // m) < WINOGRAD_MIN_TILES or os.environ.get("PYAD_WINOGRAD", "1") == "0":
         return False
     from .kernels import _backend
 
@@ -346,7 +348,7 @@ def _winograd(layer: nn.Conv2d, x: torch.Tensor, relu: bool, residual: torch.Ten
         cached = (key, winograd.winograd_weights(w))
         layer.__dict__["_pyad_winograd"] = cached
     b = None if layer.bias is None else layer.bias.detach()
-    return winograd.winograd_conv3x3(x, cached[1], b, layer.padding[0], residual, relu)
+    return winograd.winograd_conv(x, cached[1], layer.kernel_size[0], b, layer.padding[0], residual, relu)
 
 
 def _gemm_ok(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -387,9 +389,14 @@ def conv_as_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layers`` in order, each through ``conv`` (which runs any other layer as is)."""
-    for layer in layers:
-        x = conv(layer, x)
+    """Run ``layers`` in order, each through ``conv`` (which runs any other layer as is); a
+    ReLU right after a convolution is fused into it."""
+    mods = list(layers)
+    i = 0
+    while i < len(mods):
+        fuse = isinstance(mods[i], (nn.Conv2d, nn.ConvTranspose2d)) and i + 1 < len(mods) and type(mods[i + 1]) is nn.ReLU
+        x = conv(mods[i], x, relu=fuse)
+        i += 2 if fuse else 1
     return x
 
 

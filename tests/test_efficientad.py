@@ -311,8 +311,10 @@ def test_quantile_normalisation_from_validation_images_and_the_folded_module(fit
     x_val = det.to_input(torch.from_numpy(train[held]))
     st, ae = _reference_maps(det, x_val)
     q = det.quantiles_
-    assert q["qa_st"] == torch.quantile(st, 0.9).item() and q["qb_st"] == torch.quantile(st, 0.995).item()
-    assert q["qa_ae"] == torch.quantile(ae, 0.9).item() and q["qb_ae"] == torch.quantile(ae, 0.995).item()
+    # fit runs the networks through ops.sequential (Winograd on the CPU: rounding ~1e-7 relative here)
+    close = lambda a, b: a == pytest.approx(b, rel=1e-5)  # noqa: E731
+    assert close(q["qa_st"], torch.quantile(st, 0.9).item()) and close(q["qb_st"], torch.quantile(st, 0.995).item())
+    assert close(q["qa_ae"], torch.quantile(ae, 0.9).item()) and close(q["qb_ae"], torch.quantile(ae, 0.995).item())
     assert f"{held.sum()} normal validation images" in det.map_normalisation_
 
     x = det.to_input(torch.from_numpy(_images(3, 64, seed=9)))
@@ -393,7 +395,9 @@ def test_pad4_alignment_a_defect_lands_where_it_is():
         x[0, 0, lo : lo + 16, lo : lo + 16] = 2.0
         with torch.no_grad():
             m_st, _ = padded.raw_maps(x)
-            assert (m_st[0, : max(0, (lo - 32) // 4 - 1)] == 0).all()  # untouched rows: exactly 0
+            # untouched rows: 0 up to rounding (Winograd's GEMMs for the teacher's 384 and the student's 768
+            # output channels may round differently: 1e-17 here; the defect's reach would be ~1e-1)
+            assert (m_st[0, : max(0, (lo - 32) // 4 - 1)] <= 1e-9 * m_st.max()).all()
             cy, cx = centre(padded(x)[1])
             sy, sx = centre(stretched(x)[1])
         want = lo + 7.5

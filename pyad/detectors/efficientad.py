@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import _progress
 from .. import training
-from ..ops import upsample
+from ..ops import sequential, upsample
 from .base import register, stage
 from .settings import check
 from .trained import TrainedDetector
@@ -452,11 +452,11 @@ class EfficientADModule(nn.Module):
         # keep forward frames only, so that line is what tells a node's stage (export.py).
         x = x.contiguous(memory_format=torch.channels_last)
         x = x.to(self.dtype)
-        t = self.teacher(x).float()
+        t = sequential(self.teacher, x).float()  # ops.sequential: Winograd 3x3 / 4x4 on the CPU fast path
         stage("teacher")
-        s = self.student(x).float()
+        s = sequential(self.student, x).float()
         stage("student")
-        a = self.ae(x).float()
+        a = sequential(self.ae, x).float()
         stage("autoencoder")
         c = self.channels
         m_st, m_ae = (t - s[:, :c]).square().mean(1), (a - s[:, c:]).square().mean(1)
@@ -607,7 +607,7 @@ class EfficientAD(TrainedDetector):
         cache = torch.empty(n, OUT_CHANNELS, m, m, device=self.device) if keep else None
         means = []
         for start in _progress.bar(range(0, n, self.batch_size), desc=f"{type(self).__name__}: teacher statistics"):
-            out = teacher(self._input(train[start : start + self.batch_size]))
+            out = sequential(teacher, self._input(train[start : start + self.batch_size]))
             means.append(out.mean(dim=(2, 3)))
             if keep:
                 cache[start : start + len(out)] = out
@@ -617,7 +617,7 @@ class EfficientAD(TrainedDetector):
             if keep:
                 out = cache[start : start + self.batch_size]
             else:
-                out = teacher(self._input(train[start : start + self.batch_size]))
+                out = sequential(teacher, self._input(train[start : start + self.batch_size]))
             dists.append((out - mean[None, :, None, None]).square().mean(dim=(2, 3)))
         std = torch.cat(dists).mean(0).sqrt()
         if keep:
@@ -675,8 +675,8 @@ class EfficientAD(TrainedDetector):
                     if cache is not None:
                         t_st = cache[int(i[0]) : int(i[0]) + 1]
                     else:
-                        t_st = (teacher(x_st) - mean4) / std4
-                    t_ae = (teacher(x_ae) - mean4) / std4
+                        t_st = (sequential(teacher, x_st) - mean4) / std4
+                    t_ae = (sequential(teacher, x_ae) - mean4) / std4
                 with run.autocast():
                     losses = step_losses(student, ae, t_st, t_ae, x_st, x_ae, x_p, self.hard_quantile)
                 run.backward(losses["total"])
@@ -712,9 +712,9 @@ class EfficientAD(TrainedDetector):
         sts, aes = [], []
         for start in range(0, len(images), self.batch_size):
             x = self._input(images[start : start + self.batch_size])
-            t = (teacher(x) - mean4) / std4
-            s = student(x)
-            a = ae(x)
+            t = (sequential(teacher, x) - mean4) / std4
+            s = sequential(student, x)
+            a = sequential(ae, x)
             sts.append((t - s[:, :OUT_CHANNELS]).square().mean(1).cpu())
             aes.append((a - s[:, OUT_CHANNELS:]).square().mean(1).cpu())
         st, ae_maps = torch.cat(sts), torch.cat(aes)

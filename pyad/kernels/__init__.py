@@ -1,5 +1,5 @@
 """pyad's compute kernels: Mahalanobis scoring, greedy coreset selection, patch
-pooling and Winograd F(4x4, 3x3) convolutions.
+pooling and Winograd convolutions (3x3 and 4x4 kernels).
 
 Every kernel exists three times with one signature: compiled C++ (x86
 SSE/AVX2/AVX-512 and ARM NEON, chosen at run time), numba, and the NumPy
@@ -15,7 +15,7 @@ from ._backend import BACKENDS, info, set_backend, set_num_threads, use_backend
 from .coreset import greedy_coreset, random_projection
 from .gaussian import GaussianAccumulator, GaussianModel, gaussian_fit, mahalanobis
 from .pooling import channel_pool, patch_embed, patch_pool
-from .winograd import winograd_conv3x3, winograd_weights
+from .winograd import winograd_conv, winograd_weights
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +32,6 @@ __all__ = [
     "set_backend",
     "set_num_threads",
     "use_backend",
-    "winograd_conv3x3",
+    "winograd_conv",
     "winograd_weights",
 ]

@@ -307,7 +307,7 @@ def channel_pool(x, out_dim):
 
 @_jit
 def _bt6(d, step, off, c):  # pragma: no cover - compiled
-    # B^T of Winograd F(4x4, 3x3) on d[off + i·step + ch], i < 6, for every channel (reference.py)
+    # B^T of Winograd F(4x4, 3x3) and F(3x3, 4x4) on d[off + i·step + ch], i < 6, every channel
     for ch in range(c):
         d0, d1, d2 = d[off + ch], d[off + step + ch], d[off + 2 * step + ch]
         d3, d4, d5 = d[off + 3 * step + ch], d[off + 4 * step + ch], d[off + 5 * step + ch]
@@ -320,13 +320,14 @@ def _bt6(d, step, off, c):  # pragma: no cover - compiled
 
 
 @_pjit
-def winograd_input(x, pad, t0, out):  # pragma: no cover - compiled
+def winograd_input(x, kernel_size, pad, t0, out):  # pragma: no cover - compiled
     b, h, w, c = x.shape
     tc = out.shape[1]
-    th, tw = (h + 2 * pad + 1) // 4, (w + 2 * pad + 1) // 4
+    s = 7 - kernel_size
+    th, tw = (h + 2 * pad - kernel_size + s) // s, (w + 2 * pad - kernel_size + s) // s
     for t in numba.prange(tc):
         n, r = (t0 + t) // (th * tw), (t0 + t) % (th * tw)
-        y0, x0 = (r // tw) * 4 - pad, (r % tw) * 4 - pad
+        y0, x0 = (r // tw) * s - pad, (r % tw) * s - pad
         d = np.zeros(36 * c, dtype=np.float32)
         for i in range(6):
             for j in range(6):
@@ -341,7 +342,8 @@ def winograd_input(x, pad, t0, out):  # pragma: no cover - compiled
 
 
 @_jit
-def _at6(m, step, off, o, ostep, ooff, c):  # pragma: no cover - compiled
+def _at6(m, step, off, o, ostep, ooff, c, s):  # pragma: no cover - compiled
+    # A^T (s = 4 rows for F(4x4, 3x3), 3 for F(3x3, 4x4)) on m[off + i·step + ch], i < 6
     for ch in range(c):
         a = m[off + step + ch] + m[off + 2 * step + ch]
         bb = m[off + step + ch] - m[off + 2 * step + ch]
@@ -349,30 +351,33 @@ def _at6(m, step, off, o, ostep, ooff, c):  # pragma: no cover - compiled
         e = m[off + 3 * step + ch] - m[off + 4 * step + ch]
         o[ooff + ch] = m[off + ch] + a + cc
         o[ooff + ostep + ch] = bb + 2 * e
-        o[ooff + 2 * ostep + ch] = a + 4 * cc
-        o[ooff + 3 * ostep + ch] = bb + 8 * e + m[off + 5 * step + ch]
+        if s == 4:
+            o[ooff + 2 * ostep + ch] = a + 4 * cc
+            o[ooff + 3 * ostep + ch] = bb + 8 * e + m[off + 5 * step + ch]
+        else:
+            o[ooff + 2 * ostep + ch] = a + 4 * cc + m[off + 5 * step + ch]
 
 
 @_pjit
-def _winograd_output(m, t0, bias, has_bias, res, has_res, relu, out):  # pragma: no cover - compiled
+def _winograd_output(m, s, t0, bias, has_bias, res, has_res, relu, out):  # pragma: no cover - compiled
     b, ho, wo, k = out.shape
     tc = m.shape[1]
-    th, tw = (ho + 3) // 4, (wo + 3) // 4
+    th, tw = (ho + s - 1) // s, (wo + s - 1) // s
     for t in numba.prange(tc):
         n, r = (t0 + t) // (th * tw), (t0 + t) % (th * tw)
-        y0, x0 = (r // tw) * 4, (r % tw) * 4
+        y0, x0 = (r // tw) * s, (r % tw) * s
         q = np.empty(36 * k, dtype=np.float32)
         for e in range(36):
             q[e * k:(e + 1) * k] = m[e, t]
-        tmp = np.empty(24 * k, dtype=np.float32)
-        o = np.empty(16 * k, dtype=np.float32)
+        tmp = np.empty(6 * s * k, dtype=np.float32)
+        o = np.empty(s * s * k, dtype=np.float32)
         for j in range(6):
-            _at6(q, 6 * k, j * k, tmp, 6 * k, j * k, k)
-        for i in range(4):
-            _at6(tmp, k, i * 6 * k, o, k, i * 4 * k, k)
-        for i in range(min(4, ho - y0)):
-            for j in range(min(4, wo - x0)):
-                v = o[(i * 4 + j) * k:(i * 4 + j + 1) * k]
+            _at6(q, 6 * k, j * k, tmp, 6 * k, j * k, k, s)
+        for i in range(s):
+            _at6(tmp, k, i * 6 * k, o, k, i * s * k, k, s)
+        for i in range(min(s, ho - y0)):
+            for j in range(min(s, wo - x0)):
+                v = o[(i * s + j) * k:(i * s + j + 1) * k]
                 if has_bias:
                     v = v + bias
                 if has_res:
@@ -382,7 +387,7 @@ def _winograd_output(m, t0, bias, has_bias, res, has_res, relu, out):  # pragma:
                 out[n, y0 + i, x0 + j] = v
 
 
-def winograd_output(m, t0, bias, residual, relu, out):
+def winograd_output(m, kernel_size, t0, bias, residual, relu, out):
     empty = np.zeros((1, 1, 1, 1), dtype=np.float32)
-    _winograd_output(m, t0, np.zeros(out.shape[3], np.float32) if bias is None else bias, bias is not None,
-                     empty if residual is None else residual, residual is not None, bool(relu), out)
+    _winograd_output(m, 7 - kernel_size, t0, np.zeros(out.shape[3], np.float32) if bias is None else bias,
+                     bias is not None, empty if residual is None else residual, residual is not None, bool(relu), out)

@@ -109,51 +109,60 @@ def patch_embed(x: np.ndarray, out_dim: int, kernel: int, stride: int, padding: 
     return channel_pool(flat, out_dim)
 
 
-# Winograd F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
-# CVPR 2016, eq. 10-12; interpolation points 0, ±1, ±2): Y = A^T [(G g G^T) ⊙ (B^T d B)] A for
-# each 6x6 input tile d and its 4x4 outputs Y.
+# Winograd F(4x4, 3x3) and F(3x3, 4x4) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+# Networks", CVPR 2016; the Toom-Cook construction with interpolation points 0, ±1, ±2 and ∞):
+# Y = A^T [(G g G^T) ⊙ (B^T d B)] A for each 6x6 input tile d and its m x m outputs Y (m = 7 - r
+# for an r x r kernel). A^T [i, j] = p_j^i, G [j, k] = p_j^k / prod_{l != j} (p_j - p_l) (the
+# point at ∞ contributes the last column of A^T and row of G), and B^T solves the identity;
+# both sizes share B^T (test_winograd.py derives all three from the points and checks them).
 WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64)
-WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64)
-WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
-                       dtype=np.float64)
+WINOGRAD_G = {3: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                           [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64),
+              4: np.array([[1 / 4, 0, 0, 0], [-1 / 6, -1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6, 1 / 6],
+                           [1 / 24, 1 / 12, 1 / 6, 1 / 3], [1 / 24, -1 / 12, 1 / 6, -1 / 3], [0, 0, 0, 1]],
+                          dtype=np.float64)}
+WINOGRAD_AT = {3: np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                           dtype=np.float64),
+               4: np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 1]], dtype=np.float64)}
 
 
-def winograd_tiles(b: int, ho: int, wo: int) -> tuple[int, int, int]:
-    """(tiles, tile rows, tile columns) of a [b, ho, wo] output in 4x4 tiles; tile
-    t = (n·rows + ty)·columns + tx covers output rows 4ty..4ty+3, columns 4tx..4tx+3."""
-    th, tw = (ho + 3) // 4, (wo + 3) // 4
+def winograd_tiles(b: int, ho: int, wo: int, kernel_size: int = 3) -> tuple[int, int, int]:
+    """(tiles, tile rows, tile columns) of a [b, ho, wo] output in m x m tiles (m = 7 - kernel_size);
+    tile t = (n·rows + ty)·columns + tx covers output rows m·ty .. m·ty + m - 1 (columns alike)."""
+    m = 7 - kernel_size
+    th, tw = (ho + m - 1) // m, (wo + m - 1) // m
     return b * th * tw, th, tw
 
 
-def winograd_input(x: np.ndarray, pad: int, t0: int, out: np.ndarray) -> None:
-    """Input transform of a 3x3 stride-1 convolution with zero padding ``pad``:
-    ``x`` [B, H, W, C] float32 (channels-last), tiles [t0, t0 + T) -> ``out`` [36, T, C],
+def winograd_input(x: np.ndarray, kernel_size: int, pad: int, t0: int, out: np.ndarray) -> None:
+    """Input transform of an r x r (``kernel_size`` 3 or 4) stride-1 convolution with zero padding
+    ``pad``: ``x`` [B, H, W, C] float32 (channels-last), tiles [t0, t0 + T) -> ``out`` [36, T, C],
     out[6i + j, t] = (B^T d_t B)[i, j] with d_t the tile's 6x6 input window (rows
-    4ty - pad .. 4ty - pad + 5, zeros outside ``x``)."""
+    m·ty - pad .. m·ty - pad + 5, m = 7 - r, zeros outside ``x``)."""
     b, h, w, c = x.shape
-    _, th, tw = winograd_tiles(b, h + 2 * pad - 2, w + 2 * pad - 2)
-    xp = np.zeros((b, 4 * th + 2, 4 * tw + 2, c))
-    rows, cols = min(h, 4 * th + 2 - pad), min(w, 4 * tw + 2 - pad)
-    xp[:, pad:pad + rows, pad:pad + cols] = x[:, :rows, :cols]
-    win = sliding_window_view(xp, (6, 6), axis=(1, 2))[:, ::4, ::4]  # [B, th, tw, C, 6, 6]
+    r, m = kernel_size, 7 - kernel_size
+    _, th, tw = winograd_tiles(b, h + 2 * pad - r + 1, w + 2 * pad - r + 1, r)
+    xp = np.zeros((b, m * th + 6, m * tw + 6, c))
+    xp[:, pad:pad + h, pad:pad + w] = x
+    win = sliding_window_view(xp, (6, 6), axis=(1, 2))[:, : m * th : m, : m * tw : m]  # [B, th, tw, C, 6, 6]
     d = win.reshape(-1, c, 6, 6)[t0:t0 + out.shape[1]]
     out[:] = np.einsum("ia,tcab,jb->ijtc", WINOGRAD_BT, d, WINOGRAD_BT).reshape(36, -1, c)
 
 
-def winograd_output(m: np.ndarray, t0: int, bias, residual, relu: bool, out: np.ndarray) -> None:
+def winograd_output(m: np.ndarray, kernel_size: int, t0: int, bias, residual, relu: bool, out: np.ndarray) -> None:
     """Output transform: ``m`` [36, T, K] (the per-position channel products of tiles
     [t0, t0 + T)) -> their outputs in ``out`` [B, Ho, Wo, K], Y = A^T M A cropped to the
     output, + ``bias`` [K], + ``residual`` [B, Ho, Wo, K] (each or None), then max(0, ·)
     if ``relu``."""
     b, ho, wo, k = out.shape
-    _, th, tw = winograd_tiles(b, ho, wo)
-    y = np.einsum("ia,abtk,jb->tijk", WINOGRAD_AT, m.reshape(6, 6, -1, k).astype(np.float64), WINOGRAD_AT)
+    at, s = WINOGRAD_AT[kernel_size], 7 - kernel_size
+    _, th, tw = winograd_tiles(b, ho, wo, kernel_size)
+    y = np.einsum("ia,abtk,jb->tijk", at, m.reshape(6, 6, -1, k).astype(np.float64), at)
     for t in range(m.shape[1]):
-        n, r = divmod(t0 + t, th * tw)
-        y0, x0 = 4 * (r // tw), 4 * (r % tw)
-        ys, xs = slice(y0, min(y0 + 4, ho)), slice(x0, min(x0 + 4, wo))
+        n, q = divmod(t0 + t, th * tw)
+        y0, x0 = s * (q // tw), s * (q % tw)
+        ys, xs = slice(y0, min(y0 + s, ho)), slice(x0, min(x0 + s, wo))
         tile = y[t, : ys.stop - y0, : xs.stop - x0]
         if bias is not None:
             tile = tile + bias

@@ -1,12 +1,13 @@
-"""3x3 stride-1 convolutions by Winograd's minimal filtering, F(4x4, 3x3) (Lavin & Gray,
-"Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
+"""Stride-1 convolutions with 3x3 and 4x4 kernels by Winograd's minimal filtering, F(4x4, 3x3)
+and F(3x3, 4x4) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
 
-Each 6x6 input tile d gives 4x4 outputs Y = A^T [(G g G^T) ⊙ (B^T d B)] A: summed over input
-channels, the 36 element-wise products are 36 independent GEMMs, [tiles, C] x [C, K], with
-36 multiplications per 16 outputs where the direct convolution needs 144 (4x fewer flops).
-The transforms (memory-bound) are kernels like the others here (``reference.py`` defines
-them; compiled and numba twins); the GEMMs run in torch (MKL on x86). Rounding differs from
-the direct convolution by about 1e-5 of the output's scale (float32; tested).
+Each 6x6 input tile d gives m x m outputs (m = 4 for a 3x3 kernel, 3 for a 4x4 one)
+Y = A^T [(G g G^T) ⊙ (B^T d B)] A: summed over input channels, the 36 element-wise products are
+36 independent GEMMs, [tiles, C] x [C, K], with 36 multiplications per tile where the direct
+convolution needs 144 (16 outputs x 9 taps, or 9 x 16): 4x fewer. The transforms (memory-bound)
+are kernels like the others here (``reference.py`` defines them; compiled and numba twins); the
+GEMMs run in torch (MKL on x86). Rounding differs from the direct convolution by about 1e-5 of
+the output's scale (float32; tested).
 """
 
 from __future__ import annotations
@@ -28,35 +29,38 @@ if TYPE_CHECKING:
     import torch
 
 
-def winograd_weights(weight) -> torch.Tensor:
-    """Transformed weights of a [K, C, 3, 3] convolution: [36, C, K] float32, U = G g G^T
-    (computed in float64)."""
+def winograd_weights(weight) -> "torch.Tensor":
+    """Transformed weights of a [K, C, r, r] convolution (r = 3 or 4): [36, C, K] float32,
+    U = G g G^T (computed in float64)."""
     import torch  # not at import: `import pyad` stays light
 
     w = weight.detach().cpu().double().numpy() if _validate.is_torch(weight) else np.asarray(weight, np.float64)
-    if w.ndim != 4 or w.shape[2:] != (3, 3):
-        raise ValueError(f"weight: expected a [K, C, 3, 3] array, got shape {w.shape}")
-    u = np.einsum("ia,kcab,jb->ijck", WINOGRAD_G, w, WINOGRAD_G).reshape(36, w.shape[1], w.shape[0])
+    if w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[2] not in WINOGRAD_G:
+        raise ValueError(f"weight: expected a [K, C, 3, 3] or [K, C, 4, 4] array, got shape {w.shape}")
+    g = WINOGRAD_G[w.shape[2]]
+    u = np.einsum("ia,kcab,jb->ijck", g, w, g).reshape(36, w.shape[1], w.shape[0])
     return torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
 
 
-def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
-                     residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    """``relu?(conv2d(x, w, bias, stride=1, padding=padding) + residual)`` for a 3x3 kernel
-    given as ``u = winograd_weights(w)``. ``x`` [B, C, H, W] float32 on the CPU (channels-last
-    is read without a copy); returns [B, K, Ho, Wo] channels-last. ``bias`` [K] and
-    ``residual`` [B, K, Ho, Wo] are optional."""
+def winograd_conv(x: "torch.Tensor", u: "torch.Tensor", kernel_size: int = 3, bias: "torch.Tensor | None" = None,
+                  padding: int = 1, residual: "torch.Tensor | None" = None, relu: bool = False) -> "torch.Tensor":
+    """``relu?(conv2d(x, w, bias, stride=1, padding=padding) + residual)`` for an r x r kernel
+    (``kernel_size`` r = 3 or 4) given as ``u = winograd_weights(w)``. ``x`` [B, C, H, W] float32
+    on the CPU (channels-last is read without a copy); returns [B, K, Ho, Wo] channels-last,
+    Ho = H + 2·padding - r + 1. ``bias`` [K] and ``residual`` [B, K, Ho, Wo] are optional."""
     import torch
 
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError("x: expected a 4-d float32 CPU tensor [B, C, H, W]")
-    padding = _validate.integer(padding, "padding", 0, 2)
+    r = _validate.choice(kernel_size, "kernel_size", (3, 4))
+    padding = _validate.integer(padding, "padding", 0, r - 1)
     b, c, h, w = x.shape
     if u.dim() != 3 or u.shape[0] != 36 or u.shape[1] != c:
-        raise ValueError(f"u: expected [36, {c}, K] (winograd_weights of a [K, {c}, 3, 3] kernel), got {tuple(u.shape)}")
-    k, ho, wo = u.shape[2], h + 2 * padding - 2, w + 2 * padding - 2
+        raise ValueError(f"u: expected [36, {c}, K] (winograd_weights of a [K, {c}, {r}, {r}] kernel), "
+                         f"got {tuple(u.shape)}")
+    k, ho, wo = u.shape[2], h + 2 * padding - r + 1, w + 2 * padding - r + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"x: spatial size {h}x{w} is smaller than the 3x3 kernel with padding {padding}")
+        raise ValueError(f"x: spatial size {h}x{w} is smaller than the {r}x{r} kernel with padding {padding}")
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(f"bias: expected shape ({k},), got {tuple(bias.shape)}")
     if residual is not None and tuple(residual.shape) != (b, k, ho, wo):
@@ -68,14 +72,14 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     bn = None if bias is None else bias.detach().contiguous().numpy()
     rn = None if residual is None else residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).numpy()
     u = u.contiguous()
-    tiles = winograd_tiles(b, ho, wo)[0]
+    tiles = winograd_tiles(b, ho, wo, r)[0]
     for t0 in range(0, tiles, BLOCK_TILES):
         tc = min(BLOCK_TILES, tiles - t0)
         v = torch.empty(36, tc, c)
-        backend.winograd_input(xn, padding, t0, v.numpy())
+        backend.winograd_input(xn, r, padding, t0, v.numpy())
         m = torch.bmm(v, u)
-        backend.winograd_output(m.numpy(), t0, bn, rn, relu, on)
+        backend.winograd_output(m.numpy(), r, t0, bn, rn, relu, on)
     return out
 
 
-__all__ = ["BLOCK_TILES", "winograd_conv3x3", "winograd_weights"]
+__all__ = ["BLOCK_TILES", "winograd_conv", "winograd_weights"]

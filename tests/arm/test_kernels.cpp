@@ -314,61 +314,74 @@ static void test_gaussian_update(const KernelTable& t, std::mt19937& gen) {
 }
 
 static void test_winograd(const KernelTable& t, std::mt19937& gen) {
-    // A whole 3x3 convolution through the two transforms (the GEMMs and G g G^T done here in
-    // double) against the direct convolution: 10 channels (a NEON vector and a tail), 9x7 input,
-    // partial tiles, padding 0, 1 and 2, tiles in two blocks, + bias + residual, ReLU.
+    // A whole r x r convolution (r = 3: F(4x4, 3x3); r = 4: F(3x3, 4x4)) through the two transforms,
+    // the GEMMs and U = G g G^T done here in double with G from the interpolation points 0, +-1, +-2
+    // and infinity, against the direct convolution: 10 channels (a NEON vector and a tail), 9x7
+    // input, partial tiles, every padding, tiles in two blocks, + bias + residual, ReLU.
     std::normal_distribution<float> nd;
-    const double G[6][3] = {{0.25, 0, 0}, {-1 / 6.0, -1 / 6.0, -1 / 6.0}, {-1 / 6.0, 1 / 6.0, -1 / 6.0},
-                            {1 / 24.0, 1 / 12.0, 1 / 6.0}, {1 / 24.0, -1 / 12.0, 1 / 6.0}, {0, 0, 1}};
+    const double pts[5] = {0, 1, -1, 2, -2};
     const int64_t b = 2, c = 10, k = 6, h = 9, w = 7;
-    for (int pad = 0; pad <= 2; ++pad) {
-        const int64_t ho = h + 2 * pad - 2, wo = w + 2 * pad - 2, th = (ho + 3) / 4, tw = (wo + 3) / 4, tiles = b * th * tw;
-        std::vector<float> x(b * h * w * c), g(k * c * 9), bias(k), res(b * ho * wo * k);
-        for (auto& v : x) v = nd(gen);
-        for (auto& v : g) v = nd(gen);
-        for (auto& v : bias) v = nd(gen);
-        for (auto& v : res) v = nd(gen);
-        std::vector<double> u(36 * c * k, 0.0);  // U[e][ci][co] = (G g G^T)[i][j]
-        for (int i = 0; i < 6; ++i)
-            for (int j = 0; j < 6; ++j)
-                for (int64_t ci = 0; ci < c; ++ci)
-                    for (int64_t co = 0; co < k; ++co) {
-                        double s = 0.0;
-                        for (int a = 0; a < 3; ++a)
-                            for (int e = 0; e < 3; ++e) s += G[i][a] * g[((co * c + ci) * 3 + a) * 3 + e] * G[j][e];
-                        u[((i * 6 + j) * c + ci) * k + co] = s;
-                    }
-        std::vector<float> out(b * ho * wo * k, 0.0f);
-        const int64_t split = tiles / 2;
-        for (int64_t t0 : {int64_t(0), split}) {
-            const int64_t tc = t0 == 0 ? split : tiles - split;
-            std::vector<float> v(36 * tc * c), m(36 * tc * k);
-            t.winograd_input(x.data(), b, h, w, c, pad, t0, tc, v.data());
-            for (int e = 0; e < 36; ++e)
-                for (int64_t q = 0; q < tc; ++q)
-                    for (int64_t co = 0; co < k; ++co) {
-                        double s = 0.0;
-                        for (int64_t ci = 0; ci < c; ++ci) s += double(v[(e * tc + q) * c + ci]) * u[(e * c + ci) * k + co];
-                        m[(e * tc + q) * k + co] = float(s);
-                    }
-            t.winograd_output(m.data(), b, ho, wo, k, t0, tc, bias.data(), res.data(), 1, out.data());
+    for (int r = 3; r <= 4; ++r) {
+        double G[6][4] = {};
+        for (int j = 0; j < 5; ++j) {
+            double f = 1.0;
+            for (int l = 0; l < 5; ++l)
+                if (l != j) f *= pts[j] - pts[l];
+            for (int q = 0; q < r; ++q) G[j][q] = std::pow(pts[j], q) / f;
         }
-        std::vector<double> want(b * ho * wo * k);
-        for (int64_t n = 0; n < b; ++n)
-            for (int64_t y = 0; y < ho; ++y)
-                for (int64_t xx = 0; xx < wo; ++xx)
-                    for (int64_t co = 0; co < k; ++co) {
-                        double s = bias[co] + res[((n * ho + y) * wo + xx) * k + co];
-                        for (int a = 0; a < 3; ++a)
-                            for (int e = 0; e < 3; ++e) {
-                                const int64_t yy = y + a - pad, xi = xx + e - pad;
-                                if (yy < 0 || yy >= h || xi < 0 || xi >= w) continue;
-                                for (int64_t ci = 0; ci < c; ++ci)
-                                    s += double(x[((n * h + yy) * w + xi) * c + ci]) * g[((co * c + ci) * 3 + a) * 3 + e];
-                            }
-                        want[((n * ho + y) * wo + xx) * k + co] = s > 0.0 ? s : 0.0;
-                    }
-        expect_close(std::string(t.isa) + " winograd pad " + std::to_string(pad), out, want, 1e-4, 1e-4);
+        G[5][r - 1] = 1.0;
+        const int m = 7 - r;
+        for (int pad = 0; pad < r; ++pad) {
+            const int64_t ho = h + 2 * pad - r + 1, wo = w + 2 * pad - r + 1;
+            const int64_t tiles = b * ((ho + m - 1) / m) * ((wo + m - 1) / m);
+            std::vector<float> x(b * h * w * c), g(k * c * r * r), bias(k), res(b * ho * wo * k);
+            for (auto& v : x) v = nd(gen);
+            for (auto& v : g) v = nd(gen);
+            for (auto& v : bias) v = nd(gen);
+            for (auto& v : res) v = nd(gen);
+            std::vector<double> u(36 * c * k, 0.0);  // U[e][ci][co] = (G g G^T)[i][j]
+            for (int i = 0; i < 6; ++i)
+                for (int j = 0; j < 6; ++j)
+                    for (int64_t ci = 0; ci < c; ++ci)
+                        for (int64_t co = 0; co < k; ++co) {
+                            double s = 0.0;
+                            for (int a = 0; a < r; ++a)
+                                for (int e = 0; e < r; ++e) s += G[i][a] * g[((co * c + ci) * r + a) * r + e] * G[j][e];
+                            u[((i * 6 + j) * c + ci) * k + co] = s;
+                        }
+            std::vector<float> out(b * ho * wo * k, 0.0f);
+            const int64_t split = tiles / 2;
+            for (int64_t t0 : {int64_t(0), split}) {
+                const int64_t tc = t0 == 0 ? split : tiles - split;
+                std::vector<float> v(36 * tc * c), mm(36 * tc * k);
+                t.winograd_input(x.data(), b, h, w, c, r, pad, t0, tc, v.data());
+                for (int e = 0; e < 36; ++e)
+                    for (int64_t q = 0; q < tc; ++q)
+                        for (int64_t co = 0; co < k; ++co) {
+                            double s = 0.0;
+                            for (int64_t ci = 0; ci < c; ++ci) s += double(v[(e * tc + q) * c + ci]) * u[(e * c + ci) * k + co];
+                            mm[(e * tc + q) * k + co] = float(s);
+                        }
+                t.winograd_output(mm.data(), b, ho, wo, k, r, t0, tc, bias.data(), res.data(), 1, out.data());
+            }
+            std::vector<double> want(b * ho * wo * k);
+            for (int64_t n = 0; n < b; ++n)
+                for (int64_t y = 0; y < ho; ++y)
+                    for (int64_t xx = 0; xx < wo; ++xx)
+                        for (int64_t co = 0; co < k; ++co) {
+                            double s = bias[co] + res[((n * ho + y) * wo + xx) * k + co];
+                            for (int a = 0; a < r; ++a)
+                                for (int e = 0; e < r; ++e) {
+                                    const int64_t yy = y + a - pad, xi = xx + e - pad;
+                                    if (yy < 0 || yy >= h || xi < 0 || xi >= w) continue;
+                                    for (int64_t ci = 0; ci < c; ++ci)
+                                        s += double(x[((n * h + yy) * w + xi) * c + ci]) * g[((co * c + ci) * r + a) * r + e];
+                                }
+                            want[((n * ho + y) * wo + xx) * k + co] = s > 0.0 ? s : 0.0;
+                        }
+            expect_close(std::string(t.isa) + " winograd r " + std::to_string(r) + " pad " + std::to_string(pad), out,
+                         want, 1e-4, 1e-4);
+        }
     }
 }
 

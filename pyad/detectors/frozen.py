@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import _progress
 from .. import images as imgs
+from .. import ops
 from .. import training
 from ..backbones import Backbone, resolve_weights
 from .base import Detector, Validation, _autocast
@@ -115,6 +116,7 @@ class FrozenFeatureDetector(Detector):
             seen += len(batch)
             bar.update(len(batch))
         bar.close()
+        ops.release_winograd(net)  # transformed weights: rebuilt by the first predict
         release_heap()  # the embedding pass's freed buffers, before the head's largest temporaries
         out = self._finish()
         release_heap()

@@ -34,12 +34,12 @@ def winograd_weights(weight) -> "torch.Tensor":
     U = G g G^T (computed in float64)."""
     import torch  # not at import: `import pyad` stays light
 
-    w = weight.detach().cpu().double().numpy() if _validate.is_torch(weight) else np.asarray(weight, np.float64)
-    if w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[2] not in WINOGRAD_G:
-        raise ValueError(f"weight: expected a [K, C, 3, 3] or [K, C, 4, 4] array, got shape {w.shape}")
-    g = WINOGRAD_G[w.shape[2]]
-    u = np.einsum("ia,kcab,jb->ijck", g, w, g).reshape(36, w.shape[1], w.shape[0])
-    return torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+    w = weight.detach().cpu().double() if _validate.is_torch(weight) else torch.from_numpy(np.asarray(weight, np.float64))
+    if w.dim() != 4 or w.shape[2] != w.shape[3] or w.shape[2] not in WINOGRAD_G:
+        raise ValueError(f"weight: expected a [K, C, 3, 3] or [K, C, 4, 4] array, got shape {tuple(w.shape)}")
+    g = torch.from_numpy(WINOGRAD_G[w.shape[2]])
+    u = (g @ w @ g.T).permute(2, 3, 1, 0).reshape(36, w.shape[1], w.shape[0])  # [K, C, 6, 6] -> [36, C, K]
+    return u.float().contiguous()
 
 
 def winograd_conv(x: "torch.Tensor", u: "torch.Tensor", kernel_size: int = 3, bias: "torch.Tensor | None" = None,

@@ -9,17 +9,16 @@ its residual. For a query q and bank vector b
 
 the squared distance between the augmented vectors [p, r]: a lower bound that is
 tight when the bank's variance lies in ``dim`` directions (patch features do). Search:
-the K + 1 smallest bounds per query in the (dim+1)-space (blocked GEMMs and top-k in torch,
-1024/129 ≈ 8× less arithmetic than the full search), exact distances of the K best candidates, and the
+the K + 1 smallest bounds per query in the (dim+1)-space (faiss, 1024/129 ≈ 8× less
+arithmetic than the full search), exact distances of the K best candidates, and the
 query is done when its (K+1)-th bound is above the best exact distance. Otherwise —
 rarely (WRN50 10% bank on bottle: 1% of queries) — it gets a second look at 8× the
 candidates, and only then an exhaustive search, one torch GEMM over the bank for all
 such queries together (faiss scans the bank once per query below 20 queries: 17 ms
 for 8 queries of a 21,401 x 1,024 bank, against 3 ms). Costs are per pair of query
 and bank vector, not per flop: faiss's top-k bookkeeping over the 1,024 x 21,401
-bounds took 44 ms at any projected dimension from 48 to 129, so ``dim`` = 128 (the
-fewest second looks) is free; blocking the bound GEMM so each block's distances stay in
-cache halves that (``_bounds``). The result equals the exhaustive search up to float32
+bounds takes 44 ms at any projected dimension from 48 to 129, so ``dim`` = 128 (the
+fewest second looks) is free. The result equals the exhaustive search up to float32
 rounding (ties may pick another index at the same distance).
 """
 
@@ -28,9 +27,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-
-
-BOUND_BLOCK = 2048  # bank rows per GEMM block of the bound search (1,024-8,192 within 15%, measured)
 
 
 class BoundedIndex:
@@ -47,10 +43,9 @@ class BoundedIndex:
         cov = x.T.astype(np.float64) @ x.astype(np.float64)
         _, vecs = np.linalg.eigh(cov)
         self.basis = np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)  # [D, dim]
-        import torch
-
-        self.low = torch.from_numpy(self._augment(x))  # [M, dim + 1]
-        self.low_sq = (self.low * self.low).sum(1)
+        self.low = faiss.IndexFlatL2(dim + 1)
+        low = self._augment(x)
+        self.low.add(low)
         self.bank_scale = float(np.einsum("ij,ij->i", x, x).max())  # for the rounding margin
         self.full = faiss.IndexFlatL2(bank.shape[1])
         self.full.add(bank)
@@ -94,28 +89,9 @@ class BoundedIndex:
         """(distances, indices, unsure): the k nearest among each query's ``n_cand``
         smallest bounds, and whether a vector beyond them could still be nearer (its
         bound, the (n_cand+1)-th smallest, is not above the k-th exact distance)."""
-        lb, cand = self._bounds(low, n_cand + 1)
+        lb, cand = self.low.search(low, n_cand + 1)
         dist, idx = self._rerank(q, np.ascontiguousarray(cand[:, :n_cand]), k)
         return dist, idx, lb[:, n_cand] < dist[:, -1] + margin
-
-    def _bounds(self, low: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k smallest squared distances in the augmented space and their rows, ascending:
-        one GEMM per block of ``BOUND_BLOCK`` bank rows (the [queries, block] distances stay
-        in cache) and a top-k per block, merged. The cost is per pair of query and bank row,
-        and a whole [784, 21,401] distance matrix does not fit in cache: measured on 2 cores
-        (AVX2), 55 ms against 116 ms for faiss's IndexFlatL2.search on the same bounds."""
-        import torch
-
-        q = torch.from_numpy(np.ascontiguousarray(low))
-        q_sq = (q * q).sum(1, keepdim=True)
-        vals, rows = [], []
-        for s in range(0, len(self.low), BOUND_BLOCK):
-            d = torch.addmm(self.low_sq[None, s : s + BOUND_BLOCK], q, self.low[s : s + BOUND_BLOCK].T, alpha=-2.0)
-            v, i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=False)
-            vals.append(v)
-            rows.append(i + s)
-        v, j = torch.topk(torch.cat(vals, 1), k, dim=1, largest=False, sorted=True)
-        return (v + q_sq).numpy(), torch.gather(torch.cat(rows, 1), 1, j).numpy()
 
     def _exhaustive(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest bank vectors of a few queries: the k + 8 nearest by

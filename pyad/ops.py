@@ -354,7 +354,8 @@ def _winograd(layer: nn.Conv2d, x: torch.Tensor, relu: bool, residual: torch.Ten
     from .kernels import winograd
 
     w = layer.weight
-    key = (w.data_ptr(), w._version)
+    # an inference tensor has no version counter (it can only change in place inside inference_mode)
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version)
     cached = layer.__dict__.get("_pyad_winograd")
     if cached is None or cached[0] != key:  # transformed once per weight version (BatchNorm folding changes it)
         cached = (key, winograd.winograd_weights(w))

@@ -157,6 +157,15 @@ def test_weights_are_transformed_again_when_they_change():
         torch.testing.assert_close(ops.conv(conv, x), conv(x), rtol=1e-4, atol=1e-4)
 
 
+def test_layers_built_under_inference_mode_take_it():
+    with torch.inference_mode():  # weights that are inference tensors (no version counter)
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.conv(conv, x), conv(x), rtol=1e-4, atol=1e-4)
+        assert "_pyad_winograd" in conv.__dict__
+
+
 @pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
 def test_backbone_features_equal_the_direct_convolutions_and_are_batch_invariant(name, monkeypatch):
     torch.manual_seed(0)

@@ -791,7 +791,7 @@ def _shard_coreset(det, k_fit: int, k_all: int):
         ka = min(k_all, len(held))
         rows = np.asarray(_host(K.greedy_coreset(det._on_device(space), ka, 0))) if ka < len(held) else \
             np.arange(len(held))
-    val = torch.cat(det._val_emb).numpy() if det._val_emb else None
+    val = np.concatenate([e.numpy() for e in det._held_embeddings(val_rows)]) if len(val_rows) else None
     proj = space[rows] if det._proj else None
     return proj, det._gather(rows), held[rows], val
 

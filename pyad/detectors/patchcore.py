@@ -272,6 +272,9 @@ class PatchCore(FrozenFeatureDetector):
         """The validation images' embeddings [n, H, W, D], ``batch_size`` images at a time,
         gathered from the bank parts (not kept twice while embedding: 67 MB for bottle's 21
         held-out images with WRN50, at the fit's memory peak)."""
+        explicit = self.__dict__.pop("_val_emb", None)  # a sharded fit's union (distributed.py): from the shards
+        if explicit is not None:
+            return explicit
         if not len(val_rows):
             return []
         per = self._grid[0] * self._grid[1]

@@ -117,8 +117,8 @@ def instrumented(name: str, params: dict) -> dict:
 def backbone_gflop(name: str, params: dict) -> tuple[float, float]:
     """Multiply-adds x 2 of the backbone's convolutions and linear layers for one
     256 x 256 image, counted by forward hooks: (direct convolution, as computed), where
-    "as computed" counts the 3x3 layers that take Winograd F(4x4, 3x3) (``pyad.ops.conv``)
-    at their 36 products per 4x4 output tile (the GEMMs; transforms not counted)."""
+    "as computed" counts the layers that take Winograd (``pyad.ops.conv``) at their 36
+    products per output tile (the GEMMs; transforms not counted)."""
     det = getattr(pyad, name)(weights=None, image_size=256, crop_size=None, seed=0, **params)
     net = det._network()
     direct, computed = [], []
@@ -128,7 +128,8 @@ def backbone_gflop(name: str, params: dict) -> tuple[float, float]:
             k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
             direct.append(2 * out.numel() * k)
             if ops._winograd_ok(m, inp[0]):
-                tiles = out.shape[0] * ((out.shape[2] + 3) // 4) * ((out.shape[3] + 3) // 4)
+                t = 7 - m.kernel_size[0]  # outputs per tile side
+                tiles = out.shape[0] * ((out.shape[2] + t - 1) // t) * ((out.shape[3] + t - 1) // t)
                 computed.append(2 * 36 * tiles * m.in_channels * m.out_channels)
             else:
                 computed.append(direct[-1])

@@ -4,12 +4,12 @@ namespace pyad {
 
 namespace {
 
-// Both write into caller-owned buffers, so the Python layer can reuse them across tile blocks.
 void check_kernel(int r, int pad) {
     if (r != 3 && r != 4) throw py::value_error("kernel_size: expected 3 or 4");
     if (pad < 0 || pad > r - 1) throw py::value_error("pad: expected 0 <= pad <= kernel_size - 1");
 }
 
+// Both write into caller-owned buffers (views of the torch tensors the Python layer allocates).
 void winograd_input(const py::array& x, int r, int pad, int64_t t0, py::array& v) {
     require(x, "x", "float32", 4);
     require(v, "out", "float32", 3);

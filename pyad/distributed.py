@@ -807,10 +807,10 @@ def _union_coreset(det, shards: list, k: tuple):
     projected = shards[0][0] is not None
     space = np.concatenate([s[0] for s in shards]) if projected else feats
     det._parts, det._proj, det._held = [feats], [space] if projected else [], [held]
-    det._val_emb = [torch.from_numpy(np.array(s[3])) for s in shards if s[3] is not None]  # writable copies
+    held_embeddings = [torch.from_numpy(np.array(s[3])) for s in shards if s[3] is not None]  # writable copies
     fit_rows, val_rows = np.flatnonzero(~held), np.flatnonzero(held)
     init = det._approximate_start(space, fit_rows)
-    return det._select(space, held, fit_rows, val_rows, init, k[0], k[1])
+    return det._select(space, held, fit_rows, val_rows, init, k[0], k[1], held_embeddings)
 
 
 # -- many product lines -------------------------------------------------------------------------------------

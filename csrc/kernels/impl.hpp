@@ -757,20 +757,6 @@ static void gaussian_update(const float* x, int64_t n, int64_t p, int64_t d, con
 // th = ceil(ho / m), tw = ceil(wo / m); a call handles tiles [t0, t0 + tc) and
 // v / m are [36, tc, c] / [36, tc, k].
 // ---------------------------------------------------------------------------
-struct S1 {  // one lane: the channel tail of every ISA
-    using reg = float;
-    static constexpr int W = 1;
-    static reg zero() { return 0.0f; }
-    static reg set1(float v) { return v; }
-    static reg load(const float* p) { return *p; }
-    static void store(float* p, reg v) { *p = v; }
-    static reg add(reg a, reg b) { return a + b; }
-    static reg sub(reg a, reg b) { return a - b; }
-    static reg mul(reg a, reg b) { return a * b; }
-    static reg max(reg a, reg b) { return a > b ? a : b; }
-    static reg fma(reg a, reg b, reg c) { return a * b + c; }
-};
-
 // B^T d for one column of 6 values (in place, d[i * step])
 template <class R>
 static inline void wino_bt(typename R::reg* d, int step) {
@@ -803,12 +789,12 @@ static inline void wino_at(const typename R::reg* m, int step, typename R::reg* 
 
 struct WinoGeometry {
     int64_t b, h, w, ho, wo, th, tw;
-    int pad, m;
+    int m;
 };
 
-static WinoGeometry wino_geometry(int64_t b, int64_t h, int64_t w, int64_t ho, int64_t wo, int r, int pad) {
+static WinoGeometry wino_geometry(int64_t b, int64_t h, int64_t w, int64_t ho, int64_t wo, int r) {
     const int m = 7 - r;
-    return WinoGeometry{b, h, w, ho, wo, (ho + m - 1) / m, (wo + m - 1) / m, pad, m};
+    return WinoGeometry{b, h, w, ho, wo, (ho + m - 1) / m, (wo + m - 1) / m, m};
 }
 
 template <class R>
@@ -831,7 +817,7 @@ static inline void wino_in_tile(const float* x, const WinoGeometry& g, int64_t c
 
 static void winograd_input(const float* x, int64_t b, int64_t h, int64_t w, int64_t c, int r, int pad, int64_t t0,
                            int64_t tc, float* v) {
-    const WinoGeometry g = wino_geometry(b, h, w, h + 2 * pad - r + 1, w + 2 * pad - r + 1, r, pad);
+    const WinoGeometry g = wino_geometry(b, h, w, h + 2 * pad - r + 1, w + 2 * pad - r + 1, r);
     const int64_t vstride = tc * c;
 #pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
     for (int64_t t = 0; t < tc; ++t) {
@@ -840,7 +826,7 @@ static void winograd_input(const float* x, int64_t b, int64_t h, int64_t w, int6
         float* vt = v + t * c;
         int64_t ch = 0;
         for (; ch + V::W <= c; ch += V::W) wino_in_tile<V>(x, g, c, n, y0, x0, ch, vt, vstride);
-        for (; ch < c; ++ch) wino_in_tile<S1>(x, g, c, n, y0, x0, ch, vt, vstride);
+        for (; ch < c; ++ch) wino_in_tile<V1>(x, g, c, n, y0, x0, ch, vt, vstride);
     }
 }
 
@@ -881,13 +867,13 @@ static void wino_output(const float* m, const WinoGeometry& g, int64_t k, int64_
         int64_t ch = 0;
         for (; ch + V::W <= k; ch += V::W)
             wino_out_tile<V, M>(mt, mstride, g, k, n, y0, x0, ch, bias, res, relu, out);
-        for (; ch < k; ++ch) wino_out_tile<S1, M>(mt, mstride, g, k, n, y0, x0, ch, bias, res, relu, out);
+        for (; ch < k; ++ch) wino_out_tile<V1, M>(mt, mstride, g, k, n, y0, x0, ch, bias, res, relu, out);
     }
 }
 
 static void winograd_output(const float* m, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
                             int64_t tc, const float* bias, const float* res, int relu, float* out) {
-    const WinoGeometry g = wino_geometry(b, 0, 0, ho, wo, r, 0);
+    const WinoGeometry g = wino_geometry(b, 0, 0, ho, wo, r);
     if (r == 3)
         wino_output<4>(m, g, k, t0, tc, bias, res, relu, out);
     else

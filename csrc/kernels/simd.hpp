@@ -45,6 +45,26 @@ static inline int32_t sqdist_i8_scalar(const int8_t* a, const int8_t* b, int64_t
     return s;
 }
 
+// One float lane: the scalar ISA's vector, and every ISA's channel tail (impl.hpp's Winograd).
+struct V1 {
+    using reg = float;
+    static constexpr int W = 1;
+    static reg zero() { return 0.0f; }
+    static reg set1(float v) { return v; }
+    static reg load(const float* p) { return *p; }
+    static reg load_h(const uint16_t* p) { return half_to_float(*p); }
+    static void store(float* p, reg v) { *p = v; }
+    static reg add(reg a, reg b) { return a + b; }
+    static reg sub(reg a, reg b) { return a - b; }
+    static reg mul(reg a, reg b) { return a * b; }
+    static reg max(reg a, reg b) { return a > b ? a : b; }
+    static reg fma(reg a, reg b, reg c) { return a * b + c; }
+    static float hsum(reg v) { return v; }
+    static float hmax(reg v) { return v; }
+    static reg keep_first(reg v, int n) { return n > 0 ? v : 0.0f; }
+    static float cvt_h(uint16_t h) { return half_to_float(h); }
+};
+
 #if defined(PYAD_TARGET_AVX512)
 struct V {
     using reg = __m512;
@@ -224,24 +244,7 @@ static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
 }
 
 #elif defined(PYAD_TARGET_SCALAR)
-struct V {
-    using reg = float;
-    static constexpr int W = 1;
-    static reg zero() { return 0.0f; }
-    static reg set1(float v) { return v; }
-    static reg load(const float* p) { return *p; }
-    static reg load_h(const uint16_t* p) { return half_to_float(*p); }
-    static void store(float* p, reg v) { *p = v; }
-    static reg add(reg a, reg b) { return a + b; }
-    static reg sub(reg a, reg b) { return a - b; }
-    static reg mul(reg a, reg b) { return a * b; }
-    static reg max(reg a, reg b) { return a > b ? a : b; }
-    static reg fma(reg a, reg b, reg c) { return a * b + c; }
-    static float hsum(reg v) { return v; }
-    static float hmax(reg v) { return v; }
-    static reg keep_first(reg v, int n) { return n > 0 ? v : 0.0f; }
-    static float cvt_h(uint16_t h) { return half_to_float(h); }
-};
+using V = V1;
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
     return sqdist_i8_scalar(a, b, n);
 }

@@ -242,7 +242,9 @@ class PatchCore(FrozenFeatureDetector):
         with _progress.stage(f"PatchCore: selecting a coreset of {k_all:,} of {len(held):,} patches"):
             return self._select(space, held, fit_rows, val_rows, init, k_fit, k_all)
 
-    def _select(self, space, held, fit_rows, val_rows, init, k_fit, k_all):
+    def _select(self, space, held, fit_rows, val_rows, init, k_fit, k_all, held_embeddings=None):
+        """``held_embeddings``: the validation images' embeddings when the parts do not hold
+        their rows (a sharded fit's union, distributed.py); by default gathered from the parts."""
         if k_fit < len(fit_rows):
             sel, dist = K.greedy_coreset(self._on_device(space[fit_rows]), k_fit, None if init is not None else 0,
                                          init_distances=None if init is None else init[fit_rows],
@@ -251,7 +253,9 @@ class PatchCore(FrozenFeatureDetector):
             prefix = fit_rows[np.asarray(sel)]
         else:
             prefix, dist = fit_rows, np.zeros(len(fit_rows), np.float32)
-        val = validation_from(self._head(self._gather(prefix)), self._held_embeddings(val_rows))
+        if held_embeddings is None:
+            held_embeddings = self._held_embeddings(val_rows)
+        val = validation_from(self._head(self._gather(prefix)), held_embeddings)
         rows = prefix
         if len(val_rows) and k_all > len(prefix):
             # continue the greedy selection over every patch from the training part's selection
@@ -272,9 +276,6 @@ class PatchCore(FrozenFeatureDetector):
         """The validation images' embeddings [n, H, W, D], ``batch_size`` images at a time,
         gathered from the bank parts (not kept twice while embedding: 67 MB for bottle's 21
         held-out images with WRN50, at the fit's memory peak)."""
-        explicit = self.__dict__.pop("_val_emb", None)  # a sharded fit's union (distributed.py): from the shards
-        if explicit is not None:
-            return explicit
         if not len(val_rows):
             return []
         per = self._grid[0] * self._grid[1]

@@ -20,6 +20,7 @@ void register_coreset(py::module_& m);
 void register_pooling(py::module_& m);
 void register_png(py::module_& m);
 void register_conv(py::module_& m);
+void register_knn(py::module_& m);
 
 inline bool has_dtype(const py::array& a, const char* dtype) { return a.dtype().is(py::dtype(dtype)); }
 

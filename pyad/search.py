@@ -9,17 +9,16 @@ its residual. For a query q and bank vector b
 
 the squared distance between the augmented vectors [p, r]: a lower bound that is
 tight when the bank's variance lies in ``dim`` directions (patch features do). Search:
-the K + 1 smallest bounds per query in the (dim+1)-space (faiss, 1024/129 ≈ 8× less
-arithmetic than the full search), exact distances of the K best candidates, and the
-query is done when its (K+1)-th bound is above the best exact distance. Otherwise —
-rarely (WRN50 10% bank on bottle: 1% of queries) — it gets a second look at 8× the
-candidates, and only then an exhaustive search, one torch GEMM over the bank for all
-such queries together (faiss scans the bank once per query below 20 queries: 17 ms
-for 8 queries of a 21,401 x 1,024 bank, against 3 ms). Costs are per pair of query
-and bank vector, not per flop: faiss's top-k bookkeeping over the 1,024 x 21,401
-bounds takes 44 ms at any projected dimension from 48 to 129, so ``dim`` = 128 (the
-fewest second looks) is free. The result equals the exhaustive search up to float32
-rounding (ties may pick another index at the same distance).
+the K + 1 smallest bounds per query in the (dim+1)-space (``pyad.kernels.knn_search``: a
+blocked GEMM whose distances are merged into each query's K + 1 smallest while in cache;
+1024/65 ≈ 16× less arithmetic than the full search), exact distances of the K best
+candidates, and the query is done when its (K+1)-th bound is above the best exact
+distance. Otherwise it gets a second look at 8× the candidates, and only then an
+exhaustive search (``knn_search`` over the full bank for all such queries together).
+The projected dimension trades the bound GEMM against the second looks (WRN50 10% bank
+on bottle, 11,264 queries: 7% second looks at 64, 0.9% at 128, 25% at 24); 64 is the
+fastest measured (``docs/profile.md``). The result equals the exhaustive search up to
+float32 rounding (ties may pick another index at the same distance).
 """
 
 from __future__ import annotations
@@ -28,11 +27,13 @@ import threading
 
 import numpy as np
 
+from .kernels import knn_search
+
 
 class BoundedIndex:
     """Exact k-NN (squared L2) over ``bank`` [M, D] float32 via projected lower bounds."""
 
-    def __init__(self, bank: np.ndarray, dim: int = 128, candidates: int = 8):
+    def __init__(self, bank: np.ndarray, dim: int = 64, candidates: int = 16):
         import faiss
 
         bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -43,9 +44,8 @@ class BoundedIndex:
         cov = x.T.astype(np.float64) @ x.astype(np.float64)
         _, vecs = np.linalg.eigh(cov)
         self.basis = np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)  # [D, dim]
-        self.low = faiss.IndexFlatL2(dim + 1)
-        low = self._augment(x)
-        self.low.add(low)
+        self.low = self._augment(x)  # [M, dim + 1]
+        self.low_norms = np.einsum("ij,ij->i", self.low, self.low)
         self.bank_scale = float(np.einsum("ij,ij->i", x, x).max())  # for the rounding margin
         self.full = faiss.IndexFlatL2(bank.shape[1])
         self.full.add(bank)
@@ -67,7 +67,7 @@ class BoundedIndex:
         q = np.ascontiguousarray(q, dtype=np.float32)
         n_cand = min(max(self.candidates, k), self.bank.shape[0])
         if n_cand >= self.bank.shape[0]:
-            return self.full.search(q, k)
+            return knn_search(q, self.bank, k)
         centred = q - self.mean
         low = self._augment(centred)
         # the margin covers float32 rounding of the bounds (relative 1e-5 of the norms)
@@ -89,20 +89,16 @@ class BoundedIndex:
         """(distances, indices, unsure): the k nearest among each query's ``n_cand``
         smallest bounds, and whether a vector beyond them could still be nearer (its
         bound, the (n_cand+1)-th smallest, is not above the k-th exact distance)."""
-        lb, cand = self.low.search(low, n_cand + 1)
+        lb, cand = knn_search(low, self.low, n_cand + 1, bank_norms=self.low_norms)
         dist, idx = self._rerank(q, np.ascontiguousarray(cand[:, :n_cand]), k)
         return dist, idx, lb[:, n_cand] < dist[:, -1] + margin
 
     def _exhaustive(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest bank vectors of a few queries: the k + 8 nearest by
-        ``ops.knn`` (one chunked GEMM for all of them), re-ranked by their exact
+        ``knn_search`` (one blocked GEMM for all of them), re-ranked by their exact
         distances (the GEMM's cancellation error is relative to the norms)."""
-        import torch
-
-        from .ops import knn
-
-        _, cand = knn(torch.from_numpy(q), torch.from_numpy(self.bank), min(k + 8, len(self.bank)))
-        return self._rerank(np.ascontiguousarray(q), np.ascontiguousarray(cand.numpy()), k)
+        _, cand = knn_search(q, self.bank, min(k + 8, len(self.bank)))
+        return self._rerank(np.ascontiguousarray(q), cand, k)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(exact squared distances [N, k], indices [N, k]) of the k nearest of each

@@ -880,6 +880,59 @@ static void winograd_output(const float* m, int64_t b, int64_t ho, int64_t wo, i
         wino_output<3>(m, g, k, t0, tc, bias, res, relu, out);
 }
 
+// ---------------------------------------------------------------------------
+// Exact k-nearest neighbours by blocks (pyad/kernels/knn.py). torch computes the GEMM
+// g = q b^T of one block of bank rows; this merges s = ||b||^2 - 2 q.b (the squared
+// distance less ||q||^2) into each query's running k smallest while the block is
+// still in cache. A value is inserted only when below the row's current k-th, which
+// after the first blocks is rare: the scan is one multiply-add and one compare per
+// lane. Ties keep the entry already held, then the lower column (a stable merge).
+// ---------------------------------------------------------------------------
+static inline void knn_insert(float* bd, int64_t* bi, int64_t k, float v, int64_t j) {
+    int64_t pos = k - 1;
+    for (; pos > 0 && bd[pos - 1] > v; --pos) {
+        bd[pos] = bd[pos - 1];
+        bi[pos] = bi[pos - 1];
+    }
+    bd[pos] = v;
+    bi[pos] = j;
+}
+
+static void knn_merge(const float* g, int64_t n, int64_t m, const float* norms, int64_t offset, int64_t k,
+                      float* best_d, int64_t* best_i) {
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        const float* row = g + i * m;
+        float* bd = best_d + i * k;
+        int64_t* bi = best_i + i * k;
+        float thr = bd[k - 1];
+        const V::reg neg2 = V::set1(-2.0f);
+        V::reg vthr = V::set1(thr);
+        int64_t j = 0;
+        for (; j + V::W <= m; j += V::W) {
+            // -2 g is exact, so this rounds once, like the scalar tail and the twins
+            const V::reg s = V::fma(V::load(row + j), neg2, V::load(norms + j));
+            if (!V::any_lt(s, vthr)) continue;
+            float lanes[V::W];
+            V::store(lanes, s);
+            for (int l = 0; l < V::W; ++l) {
+                if (lanes[l] < thr) {
+                    knn_insert(bd, bi, k, lanes[l], offset + j + l);
+                    thr = bd[k - 1];
+                }
+            }
+            vthr = V::set1(thr);
+        }
+        for (; j < m; ++j) {
+            const float s = norms[j] - 2.0f * row[j];
+            if (s < thr) {
+                knn_insert(bd, bi, k, s, offset + j);
+                thr = bd[k - 1];
+            }
+        }
+    }
+}
+
 static double stream_sum(const float* x, int64_t n) {
     double total = 0.0;
 #pragma omp parallel for num_threads(pyad::num_threads()) schedule(static) reduction(+ : total)
@@ -905,6 +958,7 @@ static const KernelTable table = {
     patch_pool, channel_pool, patch_embed,
     gaussian_factor, gaussian_update,
     winograd_input, winograd_output,
+    knn_merge,
     stream_sum,
 };
 

@@ -62,6 +62,7 @@ struct V1 {
     static float hsum(reg v) { return v; }
     static float hmax(reg v) { return v; }
     static reg keep_first(reg v, int n) { return n > 0 ? v : 0.0f; }
+    static bool any_lt(reg a, reg b) { return a < b; }
     static float cvt_h(uint16_t h) { return half_to_float(h); }
 };
 
@@ -85,6 +86,8 @@ struct V {
     static float hmax(reg v) { return _mm512_reduce_max_ps(v); }
     // Lanes [0, n) of v, zeros elsewhere (0 <= n < W).
     static reg keep_first(reg v, int n) { return _mm512_maskz_mov_ps(__mmask16((1u << n) - 1), v); }
+    // Whether a < b in any lane (false for NaN lanes).
+    static bool any_lt(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ) != 0; }
     static float cvt_h(uint16_t h) { return _cvtsh_ss(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
@@ -131,6 +134,7 @@ struct V {
         __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         return _mm256_and_ps(v, _mm256_castsi256_ps(m));
     }
+    static bool any_lt(reg a, reg b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)) != 0; }
     static float cvt_h(uint16_t h) { return _cvtsh_ss(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
@@ -189,6 +193,7 @@ struct V {
         __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3));
         return _mm_and_ps(v, _mm_castsi128_ps(m));
     }
+    static bool any_lt(reg a, reg b) { return _mm_movemask_ps(_mm_cmplt_ps(a, b)) != 0; }
     static float cvt_h(uint16_t h) { return half_to_float(h); }
 };
 static inline int32_t sqdist_i8(const int8_t* a, const int8_t* b, int64_t n) {
@@ -226,6 +231,7 @@ struct V {
         uint32x4_t m = vcltq_u32(vld1q_u32(iota), vdupq_n_u32(uint32_t(n)));
         return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), m));
     }
+    static bool any_lt(reg a, reg b) { return vmaxvq_u32(vcltq_f32(a, b)) != 0; }
     static float cvt_h(uint16_t h) {
         __fp16 v;
         std::memcpy(&v, &h, 2);

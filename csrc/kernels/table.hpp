@@ -61,6 +61,12 @@ struct KernelTable {
     void (*winograd_output)(const float* m, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
                             int64_t tc, const float* bias, const float* res, int relu, float* out);
 
+    // Per row i of g [n, m] (the products q_i . b_j of bank rows [offset, offset + m)):
+    // merges s_j = norms[j] - 2 g[i, j] into best_d / best_i [n, k] (the k smallest so
+    // far, ascending, in/out); ties keep the held entry, then the lower column.
+    void (*knn_merge)(const float* g, int64_t n, int64_t m, const float* norms, int64_t offset, int64_t k,
+                      float* best_d, int64_t* best_i);
+
     // Sums n floats with all threads: used to measure read bandwidth.
     double (*stream_sum)(const float* x, int64_t n);
 };

@@ -1,5 +1,6 @@
 """pyad's compute kernels: Mahalanobis scoring, greedy coreset selection, patch
-pooling and Winograd convolutions (3x3 and 4x4 kernels).
+pooling, Winograd convolutions (3x3 and 4x4 kernels) and the exact k-nearest-neighbour
+search's block merge.
 
 Every kernel exists three times with one signature: compiled C++ (x86
 SSE/AVX2/AVX-512 and ARM NEON, chosen at run time), numba, and the NumPy
@@ -14,6 +15,7 @@ raise ValueError naming the argument.
 from ._backend import BACKENDS, info, set_backend, set_num_threads, use_backend
 from .coreset import greedy_coreset, random_projection
 from .gaussian import GaussianAccumulator, GaussianModel, gaussian_fit, mahalanobis
+from .knn import knn_search
 from .pooling import channel_pool, patch_embed, patch_pool
 from .winograd import winograd_conv, winograd_weights
 
@@ -25,6 +27,7 @@ __all__ = [
     "gaussian_fit",
     "greedy_coreset",
     "info",
+    "knn_search",
     "mahalanobis",
     "patch_embed",
     "patch_pool",

@@ -391,3 +391,22 @@ def winograd_output(m, kernel_size, t0, bias, residual, relu, out):
     empty = np.zeros((1, 1, 1, 1), dtype=np.float32)
     _winograd_output(m, 7 - kernel_size, t0, np.zeros(out.shape[3], np.float32) if bias is None else bias,
                      bias is not None, empty if residual is None else residual, residual is not None, bool(relu), out)
+
+
+@_pjit
+def knn_merge(g, norms, offset, dist, idx):  # pragma: no cover - compiled
+    k = dist.shape[1]
+    for i in numba.prange(g.shape[0]):
+        bd, bi = dist[i], idx[i]
+        thr = bd[k - 1]
+        for j in range(g.shape[1]):
+            s = norms[j] - np.float32(2.0) * g[i, j]
+            if s < thr:
+                pos = k - 1
+                while pos > 0 and bd[pos - 1] > s:
+                    bd[pos] = bd[pos - 1]
+                    bi[pos] = bi[pos - 1]
+                    pos -= 1
+                bd[pos] = s
+                bi[pos] = offset + j
+                thr = bd[k - 1]

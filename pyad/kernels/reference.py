@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["mahalanobis", "greedy_coreset", "patch_pool", "channel_pool", "patch_embed", "winograd_input",
-           "winograd_output"]
+           "winograd_output", "knn_merge"]
 
 
 def mahalanobis(x: np.ndarray, mean: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -169,3 +169,18 @@ def winograd_output(m: np.ndarray, kernel_size: int, t0: int, bias, residual, re
         if residual is not None:
             tile = tile + residual[n, ys, xs]
         out[n, ys, xs] = np.maximum(tile, 0.0) if relu else tile
+
+
+def knn_merge(g: np.ndarray, norms: np.ndarray, offset: int, dist: np.ndarray, idx: np.ndarray) -> None:
+    """One block of an exact k-nearest-neighbour search: ``g`` [N, M] float32 holds the
+    products q_i · b_j of N queries with bank rows offset .. offset + M - 1, ``norms`` [M]
+    their squared norms. Per query, s_j = norms[j] - 2·g[i, j] (‖q_i − b_j‖² less ‖q_i‖²,
+    rounded once in float32) is merged into ``dist`` / ``idx`` [N, k] (the k smallest so
+    far, ascending; +inf / -1 where empty), in place: a stable merge, so ties keep the
+    entry already held, then the lower column. NaN never enters."""
+    s = norms[None, :] - np.float32(2.0) * g  # float32: -2g is exact, one rounding
+    s = np.where(np.isnan(s), np.float32(np.inf), s)
+    cols = np.broadcast_to(np.arange(offset, offset + g.shape[1], dtype=np.int64), s.shape)
+    both_d, both_i = np.concatenate([dist, s], 1), np.concatenate([idx, cols], 1)
+    order = np.argsort(both_d, axis=1, kind="stable")[:, : dist.shape[1]]
+    dist[:], idx[:] = np.take_along_axis(both_d, order, 1), np.take_along_axis(both_i, order, 1)

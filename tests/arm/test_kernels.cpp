@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -385,6 +386,45 @@ static void test_winograd(const KernelTable& t, std::mt19937& gen) {
     }
 }
 
+static void test_knn_merge(const KernelTable& t, std::mt19937& gen) {
+    // Blocks of 13 columns (a NEON vector tail) merged into the k smallest of norms - 2 g per
+    // row; small integers make ties, which go to the earlier column. Against a full sort here.
+    const int64_t n = 9, m = 61, block = 13;
+    for (int64_t k : {1, 3, 9, 70}) {
+        std::vector<float> g(n * m), norms(m);
+        for (auto& v : g) v = float(int(gen() % 7) - 3);
+        for (auto& v : norms) v = float(gen() % 5);
+        std::vector<float> dist(n * k, INFINITY);
+        std::vector<int64_t> idx(n * k, -1);
+        for (int64_t s = 0; s < m; s += block) {
+            const int64_t w = s + block <= m ? block : m - s;
+            std::vector<float> gb(n * w);
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t j = 0; j < w; ++j) gb[i * w + j] = g[i * m + s + j];
+            t.knn_merge(gb.data(), n, w, norms.data() + s, s, k, dist.data(), idx.data());
+        }
+        ++g_checks;
+        bool ok = true;
+        for (int64_t i = 0; i < n && ok; ++i) {
+            std::vector<std::pair<double, int64_t>> all;
+            for (int64_t j = 0; j < m; ++j) all.push_back({double(norms[j]) - 2.0 * g[i * m + j], j});
+            std::stable_sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first < b.first; });
+            for (int64_t r = 0; r < k; ++r) {
+                const double wd = r < m ? all[r].first : INFINITY;
+                const int64_t wi = r < m ? all[r].second : -1;
+                if (dist[i * k + r] != wd || idx[i * k + r] != wi) {
+                    std::printf("FAIL %s knn_merge k %lld row %lld rank %lld: got (%g, %lld) want (%g, %lld)\n", t.isa,
+                                (long long)k, (long long)i, (long long)r, dist[i * k + r], (long long)idx[i * k + r], wd,
+                                (long long)wi);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if (!ok) ++g_failures;
+    }
+}
+
 int main() {
     std::printf("compiled ISAs:");
     for (auto& s : pyad::compiled_isas()) std::printf(" %s", s.c_str());
@@ -402,6 +442,7 @@ int main() {
         test_gaussian_factor(t, gen);
         test_gaussian_update(t, gen);
         test_winograd(t, gen);
+        test_knn_merge(t, gen);
         std::printf("ran the %s path: %d checks\n", t.isa, g_checks - before);
     }
     std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);

@@ -15,9 +15,10 @@ blocked GEMM whose distances are merged into each query's K + 1 smallest while i
 candidates, and the query is done when its (K+1)-th bound is above the best exact
 distance. Otherwise it gets a second look at 8× the candidates, and only then an
 exhaustive search (``knn_search`` over the full bank for all such queries together).
-The projected dimension trades the bound GEMM against the second looks (WRN50 10% bank
-on bottle, 11,264 queries: 7% second looks at 64, 0.9% at 128, 25% at 24); 64 is the
-fastest measured (``docs/profile.md``). The result equals the exhaustive search up to
+The projected dimension and the candidates trade the bound GEMM against the second looks
+(WRN50 10% bank on bottle: 2% of the queries take a second look at 64 dimensions and 16
+candidates, 7.6% with 8, 1% at 128 and 8); 64 and 16 are the fastest measured
+(``docs/profile.md``). The result equals the exhaustive search up to
 float32 rounding (ties may pick another index at the same distance).
 """
 

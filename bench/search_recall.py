@@ -50,9 +50,9 @@ def main() -> None:
     rows = {}
     truth = None
     for index, ef in (("flat", None), ("hnsw", 64), ("hnsw", 16)):
-        nn_.index, nn_._faiss = index, None
+        nn_.index, nn_._index = index, None
         built = time.perf_counter()
-        faiss_index = nn_.faiss_index()
+        faiss_index = nn_.search_index()
         built = time.perf_counter() - built
         if ef is not None:
             faiss_index.hnsw.efSearch = ef
@@ -83,7 +83,7 @@ def main() -> None:
         }
         rows[name]["image_score_max_rel_excess"] = float(np.max(np.abs(pred.scores - exact_scores) / exact_scores))
         print(name, json.dumps(rows[name]), flush=True)
-    nn_.index, nn_._faiss = "flat", None
+    nn_.index, nn_._index = "flat", None
     result = {"bank": list(nn_.bank.shape), "queries_per_image": int(queries[0].shape[0]), "threads": pyad.info()["threads"],
               "rows": rows}
     OUT.write_text(json.dumps(result, indent=1) + "\n")

@@ -543,11 +543,10 @@ class _BankShard:
 
 class ShardedBank:
     """A memory bank [M, D] held as ``shards`` contiguous row blocks in Ray actors
-    (each an exact faiss ``IndexFlatL2``, as PatchCore's single index) and searched
+    (each an exact ``ops.NearestNeighbours``, as PatchCore's single index) and searched
     in parallel; ``search`` min-reduces the shards' k nearest (ties to the lower
-    row, as one index). Blocks are cut at multiples of ``align`` rows (faiss's BLAS
-    block of the database), so every distance is computed exactly as the single
-    index computes it."""
+    row, as one index). Blocks are cut at multiples of ``align`` rows, so every
+    distance is computed as the single index computes it (tested equal)."""
 
     align = 1024
 

@@ -1,7 +1,7 @@
 """Torch modules for the one inference path.
 
-Each op runs pyad's fast CPU implementation (the compiled kernels, or faiss for
-the nearest-neighbour search) in eager mode on the CPU, the kernels' torch-CUDA
+Each op runs pyad's fast CPU implementation (the compiled kernels; ``pyad.search``
+for the nearest-neighbour search) in eager mode on the CPU, the kernels' torch-CUDA
 implementations (``pyad.kernels._torch``) in eager mode on CUDA, and a pure-torch
 twin everywhere else: under ``torch.export`` / ``torch.compile`` / ONNX export,
 and inside ``portable()``. The twins define the same function (tested equal), so
@@ -131,8 +131,9 @@ HNSW_EF_SEARCH = 64
 
 class NearestNeighbours(nn.Module):
     """Exact k-nearest neighbours of query rows in a bank, squared L2 distances (the
-    official PatchCore's faiss ``IndexFlatL2``). CPU fast path: faiss (or an HNSW
-    graph with ``index="hnsw"``: approximate); twin: chunked matmul + min/top-k.
+    official PatchCore's faiss ``IndexFlatL2``). CPU fast path: ``pyad.search`` (exact:
+    ``FlatIndex``, or ``BoundedIndex`` for large banks; or faiss's HNSW graph with
+    ``index="hnsw"``: approximate); twin: chunked matmul + min/top-k.
 
     ``forward(q [N, D]) -> (sqdist [N, k], index [N, k] int64)``, nearest first.
     """
@@ -141,27 +142,27 @@ class NearestNeighbours(nn.Module):
         super().__init__()
         self.register_buffer("bank", bank.float().contiguous())
         self.k, self.index, self.chunk = k, index, chunk
-        self._faiss = None
+        self._index = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_faiss"], state["_lock"] = None, None
+        state["_index"], state["_lock"] = None, None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def faiss_index(self):
-        """The faiss index over ``bank``, built once on first use (thread-safe)."""
-        if self._faiss is None:
+    def search_index(self):
+        """The CPU index over ``bank``, built once on first use (thread-safe)."""
+        if self._index is None:
             with self._lock:
-                if self._faiss is None:
-                    import faiss
-
+                if self._index is None:
                     m, d = self.bank.shape
                     if self.index == "hnsw":
+                        import faiss
+
                         index = faiss.IndexHNSWFlat(d, 32)
                         index.add(self.bank.numpy())
                         # faiss's default efSearch 16 breaks PatchCore (WRN50 10% on bottle: image
@@ -171,16 +172,17 @@ class NearestNeighbours(nn.Module):
                         from .search import BoundedIndex
 
                         index = BoundedIndex(self.bank.numpy())
-                    else:
-                        index = faiss.IndexFlatL2(d)
-                        index.add(self.bank.numpy())
-                    self._faiss = index
-        return self._faiss
+                    else:  # faiss IndexFlatL2's distances, 2-4x faster (docs/profile.md)
+                        from .search import FlatIndex
+
+                        index = FlatIndex(self.bank.numpy())
+                    self._index = index
+        return self._index
 
     def forward(self, q: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k or self.k, self.bank.shape[0])
         if fast_path(q):
-            dist, idx = self.faiss_index().search(np.ascontiguousarray(q.detach().numpy(), dtype=np.float32), k)
+            dist, idx = self.search_index().search(np.ascontiguousarray(q.detach().numpy(), dtype=np.float32), k)
             return torch.from_numpy(dist), torch.from_numpy(idx)
         return knn(q, self.bank, k, self.chunk)
 

@@ -77,7 +77,7 @@ def test_bounded_search_is_exact(k, structured):
     bank, q = torch.from_numpy(rows[:m]).float(), torch.from_numpy(rows[m:]).float()
     q[:5] = bank[[3, 50, 700, m // 2, m - 1]]  # exact hits: distance 0
     nn_ = NearestNeighbours(bank, k=k)
-    assert isinstance(nn_.faiss_index(), BoundedIndex)
+    assert isinstance(nn_.search_index(), BoundedIndex)
     got_d, got_i = nn_(q)
     want_d, want_i = _knn(q.double(), bank.double(), k, 8192)  # the exhaustive search in float64
     torch.testing.assert_close(got_d.double(), want_d, rtol=1e-4, atol=1e-4)
@@ -85,7 +85,7 @@ def test_bounded_search_is_exact(k, structured):
     exact = torch.gather(((q[:, None].double() - bank[got_i].double()) ** 2).sum(-1), 1, torch.arange(k)[None].expand(len(q), k))
     torch.testing.assert_close(exact, want_d, rtol=1e-4, atol=1e-4)  # any swapped index is at the same distance
     assert (got_i[:5, 0] == torch.tensor([3, 50, 700, m // 2, m - 1])).all()
-    index = nn_.faiss_index()
+    index = nn_.search_index()
     fell_back = index.fallbacks / len(q)
     assert fell_back < 0.1 if structured else fell_back > 0.9
     assert index.second_looks >= index.fallbacks  # the exhaustive search only after 8x the candidates

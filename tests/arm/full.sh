@@ -29,17 +29,20 @@ threads=${PYAD_ARM_THREADS:-2}
 # gets no /sys: ONNX Runtime segfaults while loading with it (probed 2026-12-02).
 qemu_cpu=${PYAD_ARM_CPU:-cortex-a72}
 
-# The subset: the kernels against their NumPy spec (NEON and scalar, numba twins), the
+# The subset: the kernels against their NumPy spec (NEON and scalar, numba twins; the Winograd
+# convolutions and the k-NN search through them), the
 # backend selection, the model-file format, image decoding (the PNG row kernel against
 # Pillow); every registered detector fitted once on tiny
 # images, predict, save/load and the exported (pure torch) path (tests/arm/test_smoke.py);
 # where the package has them (pyad/export.py, tests/test_export.py), ONNX Runtime
 # against torch and the int8 path for one detector of each kind (memory bank, Gaussian,
 # trained network). Emulation costs 10-50x: the rest of the suite runs on x86 only.
-SUBSET=(tests/test_gaussian.py tests/test_coreset.py tests/test_pooling.py tests/test_backend.py
-        tests/test_modelfile.py tests/test_images.py tests/arm/test_smoke.py)
+SUBSET=(tests/test_gaussian.py tests/test_coreset.py tests/test_pooling.py tests/test_winograd.py tests/test_knn.py
+        tests/test_backend.py tests/test_modelfile.py tests/test_images.py tests/arm/test_smoke.py)
 OPTIONAL=(tests/test_export.py)
 SELECT="not test_export or ((test_onnx_predict_equals_torch_predict or test_int8_every_detector) and (patchcore or padim or autoencoder))"
+# PYAD_ARM_TESTS="tests/a.py tests/b.py": only these files (no optional ones), e.g. what a change touched
+if [ -n "${PYAD_ARM_TESTS:-}" ]; then read -ra SUBSET <<< "$PYAD_ARM_TESTS"; OPTIONAL=(); fi
 
 say() { printf '[arm %(%H:%M:%S)T] %s\n' -1 "$*"; }
 t_start=$SECONDS

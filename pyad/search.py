@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from .kernels import knn_search
+from .kernels.knn import search_blocks
 
 
 class FlatIndex:
@@ -42,8 +42,8 @@ class FlatIndex:
         self.norms = np.einsum("ij,ij->i", self.bank, self.bank)
 
     def search(self, q: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(squared distances [N, k], indices [N, k] int64), nearest first."""
-        return knn_search(q, self.bank, k, bank_norms=self.norms)
+        """(squared distances [N, k], indices [N, k] int64), nearest first (k <= bank rows)."""
+        return search_blocks(np.ascontiguousarray(q, dtype=np.float32), self.bank, k, self.norms)
 
 
 class BoundedIndex:
@@ -62,6 +62,7 @@ class BoundedIndex:
         self.basis = np.ascontiguousarray(vecs[:, ::-1][:, :dim], dtype=np.float32)  # [D, dim]
         self.low = self._augment(x)  # [M, dim + 1]
         self.low_norms = np.einsum("ij,ij->i", self.low, self.low)
+        self.norms = np.einsum("ij,ij->i", bank, bank)
         self.bank_scale = float(np.einsum("ij,ij->i", x, x).max())  # for the rounding margin
         self.full = faiss.IndexFlatL2(bank.shape[1])
         self.full.add(bank)
@@ -72,8 +73,8 @@ class BoundedIndex:
     def _augment(self, centred: np.ndarray) -> np.ndarray:
         import torch
 
-        # torch's GEMM, not NumPy's: OpenBLAS's threads spin after a call, and faiss's
-        # threads, right after, then run at half speed (the bound search 44 -> 120 ms)
+        # torch's GEMM, not NumPy's: OpenBLAS's threads spin after a call and slow the
+        # OpenMP threads that run next (measured with faiss's search: 44 -> 120 ms)
         p = (torch.from_numpy(np.ascontiguousarray(centred)) @ torch.from_numpy(self.basis)).numpy()
         r2 = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", p, p)
         return np.ascontiguousarray(np.concatenate([p, np.sqrt(np.clip(r2, 0, None))[:, None]], 1), dtype=np.float32)
@@ -83,9 +84,11 @@ class BoundedIndex:
         q = np.ascontiguousarray(q, dtype=np.float32)
         n_cand = min(max(self.candidates, k), self.bank.shape[0])
         if n_cand >= self.bank.shape[0]:
-            return knn_search(q, self.bank, k)
+            return search_blocks(q, self.bank, k, self.norms)
         centred = q - self.mean
         low = self._augment(centred)
+        if not np.isfinite(low).all():  # (NaN would leave a query without candidates)
+            raise ValueError("q: expected finite features")
         # the margin covers float32 rounding of the bounds (relative 1e-5 of the norms)
         margin = 1e-5 * (np.einsum("nd,nd->n", centred, centred) + self.bank_scale) + 1e-12
         dist, idx, unsure = self._certified(q, low, margin, n_cand, k)
@@ -105,7 +108,7 @@ class BoundedIndex:
         """(distances, indices, unsure): the k nearest among each query's ``n_cand``
         smallest bounds, and whether a vector beyond them could still be nearer (its
         bound, the (n_cand+1)-th smallest, is not above the k-th exact distance)."""
-        lb, cand = knn_search(low, self.low, n_cand + 1, bank_norms=self.low_norms)
+        lb, cand = search_blocks(low, self.low, n_cand + 1, self.low_norms)
         dist, idx = self._rerank(q, np.ascontiguousarray(cand[:, :n_cand]), k)
         return dist, idx, lb[:, n_cand] < dist[:, -1] + margin
 
@@ -113,7 +116,7 @@ class BoundedIndex:
         """The k nearest bank vectors of a few queries: the k + 8 nearest by
         ``knn_search`` (one blocked GEMM for all of them), re-ranked by their exact
         distances (the GEMM's cancellation error is relative to the norms)."""
-        _, cand = knn_search(q, self.bank, min(k + 8, len(self.bank)))
+        _, cand = search_blocks(np.ascontiguousarray(q), self.bank, min(k + 8, len(self.bank)), self.norms)
         return self._rerank(np.ascontiguousarray(q), cand, k)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,8 @@ The pixel search of one image compares each of its Q = h·w feature-pyramid loca
 with the G = K·h·w locations of its K = 50 nearest training images, in D dimensions:
 2·Q·G·D floating-point operations. The bound is that count at this machine's float32
 GEMM rate (torch, 4096², best of 3, measured in the same run): no exact brute-force
-search can be faster. pyad's search is faiss's exhaustive search over the K gallery
-images a few at a time (``SPADEHead._maps_faiss``).
+search can be faster. pyad's search is the exhaustive ``knn_search`` over the K gallery
+images a few at a time (``SPADEHead._maps_cpu``).
 
     python bench/spade_bound.py                    # MobileNetV2 (5 images) and WRN50-2 (2 images)
     python bench/spade_bound.py --only mobilenet_v2

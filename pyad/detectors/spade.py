@@ -13,14 +13,12 @@ of the other training images (the final gallery holds all).
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.knn import search_blocks
 from ..ops import fast_path, gaussian_blur, knn, upsample
 from .base import Validation, register, stage
 from .frozen import FrozenFeatureDetector
@@ -64,7 +62,7 @@ class SPADEHead(nn.Module):
         scores = d2.mean(1)
         b, h, w, c = pyr.shape
         if fast_path(pyr):
-            maps = torch.from_numpy(self._maps_faiss(pyr.numpy(), nearest.numpy()))
+            maps = torch.from_numpy(self._maps_cpu(pyr.numpy(), nearest.numpy()))
         else:
             maps = self._maps_torch(pyr.reshape(b, h * w, c), nearest).reshape(b, h, w)
         stage("search")
@@ -72,31 +70,29 @@ class SPADEHead(nn.Module):
         stage("map")
         return scores, maps
 
-    # gallery images per faiss call: about 64 MB of float32 gallery rows (WRN50 layers 1-3 at
+    # gallery images per search: about 64 MB of float32 gallery rows (WRN50 layers 1-3 at
     # 256 px: 2 images; converting and indexing all 50 at once held 2.9 GB per query image)
     _GALLERY_BYTES = 64 << 20
 
-    def _maps_faiss(self, pyr: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-        """faiss's exhaustive search (its BLAS path) over each query image's K gallery
-        images, a few at a time, the κ smallest kept: [B, h, w]."""
-        import faiss
-
+    def _maps_cpu(self, pyr: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """The exhaustive search over each query image's K gallery images, a few at a time
+        (``pyad.kernels.knn_search``'s blocks: the distances reduced to the κ smallest while
+        in cache), the κ smallest of all kept: [B, h, w]."""
         b, h, w, c = pyr.shape
         tp = self.train_pyramid.numpy()
         per = max(1, self._GALLERY_BYTES // (4 * tp[0].size))
         maps = np.empty((b, h, w), np.float32)
-        with _faiss_blocks(512, 2048):
-            for i in range(b):
-                q = np.ascontiguousarray(pyr[i].reshape(-1, c))
-                best = None
-                for s in range(0, nearest.shape[1], per):
-                    g = np.ascontiguousarray(tp[nearest[i, s : s + per]].reshape(-1, c), dtype=np.float32)
-                    d, _ = faiss.knn(q, g, min(self.k_pixels, len(g)))
-                    if best is not None:  # the κ smallest of both
-                        both = np.concatenate([best, d], 1)
-                        d = np.partition(both, min(self.k_pixels, both.shape[1]) - 1, axis=1)[:, : self.k_pixels]
-                    best = d
-                maps[i] = best.mean(1).reshape(h, w)
+        for i in range(b):
+            q = np.ascontiguousarray(pyr[i].reshape(-1, c), dtype=np.float32)
+            best = None
+            for s in range(0, nearest.shape[1], per):
+                g = np.ascontiguousarray(tp[nearest[i, s : s + per]].reshape(-1, c), dtype=np.float32)
+                d, _ = search_blocks(q, g, min(self.k_pixels, len(g)), np.einsum("ij,ij->i", g, g))
+                if best is not None:  # the κ smallest of both
+                    both = np.concatenate([best, d], 1)
+                    d = np.partition(both, min(self.k_pixels, both.shape[1]) - 1, axis=1)[:, : self.k_pixels]
+                best = d
+            maps[i] = best.mean(1).reshape(h, w)
         return maps
 
     def _maps_torch(self, q: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
@@ -115,34 +111,6 @@ class SPADEHead(nn.Module):
             best = v if best is None else torch.topk(torch.cat([best, v], -1), min(self.k_pixels, best.shape[-1] + kk),
                                                      dim=-1, largest=False).values
         return (best[..., : self.k_pixels] + (q * q).sum(-1, keepdim=True)).clamp_min(0.0).mean(-1)
-
-
-_BLOCKS_LOCK = threading.Lock()
-_BLOCKS_USERS = [0, None]  # threads inside _faiss_blocks, faiss's own sizes to restore
-
-
-@contextmanager
-def _faiss_blocks(query_bs: int, database_bs: int):
-    """faiss's BLAS tiles (queries x database rows per GEMM block) set while any
-    SPADE search runs, its defaults (4096 x 1024) restored after the last. A 512 x
-    2048 block of distances (4 MB) stays in cache while it is reduced to minima:
-    MobileNetV2's D = 152 gallery search 2.01 -> 1.68 s per image. Results are the
-    same; only the speed of concurrent faiss searches elsewhere can change."""
-    import faiss
-
-    with _BLOCKS_LOCK:
-        if _BLOCKS_USERS[0] == 0:
-            _BLOCKS_USERS[1] = (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs)
-            faiss.cvar.distance_compute_blas_query_bs = query_bs
-            faiss.cvar.distance_compute_blas_database_bs = database_bs
-        _BLOCKS_USERS[0] += 1
-    try:
-        yield
-    finally:
-        with _BLOCKS_LOCK:
-            _BLOCKS_USERS[0] -= 1
-            if _BLOCKS_USERS[0] == 0:
-                faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs = _BLOCKS_USERS[1]
 
 
 class SPADEModule(nn.Module):

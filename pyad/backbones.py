@@ -379,19 +379,22 @@ class Backbone(nn.Module):
         return twin[1]
 
     def _taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer name: [B, C, H, W] contiguous}: the network's taps, copied once out of its
+        channels-last layout (per micro-batch, straight into the whole batch's tensors)."""
         if (not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
                 and x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
                 and x.shape[0] > MICRO_BATCH):  # (tracers first: the batch stays symbolic)
             out: dict[str, torch.Tensor] = {}
             for s in range(0, x.shape[0], MICRO_BATCH):
-                for name, v in self._taps_once(x[s : s + MICRO_BATCH]).items():
+                for name, v in self._run(x[s : s + MICRO_BATCH]).items():
                     if name not in out:
                         out[name] = torch.empty((x.shape[0], *v.shape[1:]), dtype=v.dtype)
                     out[name][s : s + MICRO_BATCH] = v
             return out
-        return self._taps_once(x)
+        return {name: v.contiguous() for name, v in self._run(x).items()}
 
-    def _taps_once(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer name: tap} as the network leaves them (channels-last on the CPU)."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -409,7 +412,7 @@ class Backbone(nn.Module):
                     out[f"features.{i}"] = x
         else:
             out = self.body(x)
-        return {name: out[tap].contiguous() for name, tap in zip(self.layer_names, self.taps)}
+        return {name: out[tap] for name, tap in zip(self.layer_names, self.taps)}
 
 
 def normalisation(name: str) -> tuple[tuple, tuple]:

@@ -59,6 +59,21 @@ void winograd_output(const py::array& m, int r, int64_t t0, const py::object& bi
     active().winograd_output(mp, b, ho, wo, k, r, t0, tc, bp, rp, relu ? 1 : 0, op);
 }
 
+void winograd_output_grad(const py::array& dy, int r, int64_t t0, py::array& out) {
+    require(dy, "dy", "float32", 4);
+    require(out, "out", "float32", 3);
+    if (!out.writeable()) throw py::value_error("out: expected a writable array");
+    const int64_t b = dy.shape(0), ho = dy.shape(1), wo = dy.shape(2), k = dy.shape(3), tc = out.shape(1);
+    check_kernel(r, 0);
+    const int64_t tiles = b * ((ho + 6 - r) / (7 - r)) * ((wo + 6 - r) / (7 - r));
+    if (out.shape(0) != 36 || out.shape(2) != k) throw py::value_error("out: expected shape [36, tiles, channels]");
+    if (t0 < 0 || t0 + tc > tiles) throw py::value_error("t0: tiles [t0, t0 + out.shape[1]) out of range");
+    const float* dp = static_cast<const float*>(dy.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release release;
+    active().winograd_output_grad(dp, b, ho, wo, k, r, t0, tc, op);
+}
+
 }  // namespace
 
 void register_conv(py::module_& m) {
@@ -68,6 +83,9 @@ void register_conv(py::module_& m) {
     m.def("winograd_output", &winograd_output, py::arg("m"), py::arg("kernel_size"), py::arg("t0"), py::arg("bias"), py::arg("residual"),
           py::arg("relu"), py::arg("out"),
           "m [36,T,K] f32 -> out [B,Ho,Wo,K] (tiles [t0, t0+T)): output transform, + bias, + residual, ReLU.");
+    m.def("winograd_output_grad", &winograd_output_grad, py::arg("dy"), py::arg("kernel_size"), py::arg("t0"),
+          py::arg("out"),
+          "dy [B,Ho,Wo,K] f32 -> out [36,T,K]: the output transform's adjoint A dY A^T of tiles [t0, t0+T).");
 }
 
 }  // namespace pyad

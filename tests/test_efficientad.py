@@ -183,7 +183,13 @@ def _reference_losses(student, ae, t_st, t_ae, x_st, x_ae, x_p):
 
 
 @pytest.mark.parametrize("penalty,model_size", [(False, "s"), (True, "s"), (True, "m")])
-def test_step_losses_and_gradients_equal_the_reference_formulas(penalty, model_size):
+def test_step_losses_and_gradients_equal_the_reference_formulas(penalty, model_size, monkeypatch):
+    # the formulas, on the same convolution arithmetic as the reference (test_winograd.py tests the
+    # Winograd training path's gradients): another rounding flips the ReLU of the few activations
+    # within ~1e-6 of zero, and the hard-feature loss's sparse gradient (25 elements here) can pass
+    # through one of them: measured, M's second layer's bias gradient then differs by 0.8% of its
+    # scale, the same as float32 against float64 arithmetic would with another draw
+    monkeypatch.setenv("PYAD_WINOGRAD", "0")
     torch.manual_seed(3)
     size = 64
     m = E.pdn_output_size(size, False)

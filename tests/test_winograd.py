@@ -1,6 +1,6 @@
-"""Winograd F(4x4, 3x3) and F(3x3, 4x4) convolutions (pyad.kernels.winograd, pyad.ops.conv):
-the matrices from their construction, every backend's transforms against the NumPy
-reference, the convolution against torch's, and where ops.conv takes it."""
+"""Winograd F(4x4, 3x3) and F(3x3, 4x4) convolutions (pyad.kernels.winograd, pyad.ops.conv,
+pyad.ops.conv2d_train): the matrices from their construction, every backend's transforms against
+the NumPy reference, the convolution and its gradients against torch's, and where ops takes it."""
 
 import numpy as np
 import pytest
@@ -72,6 +72,91 @@ def test_each_backend_transforms_equal_the_reference(backend, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_each_backend_output_gradient_transform_equals_the_reference(backend, shape):
+    b, c, k, h, w, r, pad = shape
+    ho, wo = h + 2 * pad - r + 1, w + 2 * pad - r + 1
+    dy = np.random.default_rng(2).standard_normal((b, ho, wo, k)).astype(np.float32)
+    tiles = ref.winograd_tiles(b, ho, wo, r)[0]
+    t0, tc = tiles // 3, tiles - tiles // 3
+    want, got = np.empty((36, tc, k), np.float32), np.empty((36, tc, k), np.float32)
+    ref.winograd_output_grad(dy, r, t0, want)
+    K._backend.current().winograd_output_grad(dy, r, t0, got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # it is the output transform's adjoint: <output(m), dy> = <m, output_grad(dy)>
+    m = np.random.default_rng(3).standard_normal((36, tiles, k)).astype(np.float32)
+    y = np.zeros((b, ho, wo, k), np.float32)
+    ref.winograd_output(m, r, 0, None, None, False, y)
+    full = np.empty((36, tiles, k), np.float32)
+    ref.winograd_output_grad(dy, r, 0, full)
+    np.testing.assert_allclose((y.astype(np.float64) * dy).sum(), (m.astype(np.float64) * full).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_training_convolution_and_its_gradients_equal_torch(backend, shape, monkeypatch):
+    b, c, k, h, w, r, pad = shape
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    weight, bias = torch.randn(k, c, r, r, requires_grad=True), torch.randn(k, requires_grad=True)
+    want = F.conv2d(x, weight, bias, padding=pad)
+    dy = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (x, weight, bias), dy)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)  # every shape here takes it
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    got = ops.conv2d_train(x, weight, bias, pad)
+    assert type(got.grad_fn).__name__ == "_WinogradConvBackward"
+    assert _rel(got, want) < 2e-5
+    for g, e in zip(torch.autograd.grad(got, (x, weight, bias), dy), want_grads):
+        assert _rel(g, e) < 2e-5
+    monkeypatch.setattr(W, "GRAD_BLOCK_TILES", 5)  # the weight gradient summed over many blocks
+    assert _rel(W.winograd_weight_grad(x.detach(), dy, r, pad), want_grads[1]) < 2e-5
+    # only what is asked for: no input gradient for an input that needs none
+    got = ops.conv2d_train(x.detach(), weight, None, pad)
+    (gw,) = torch.autograd.grad(got, (weight,), dy)
+    assert _rel(gw, want_grads[1]) < 2e-5
+
+
+def test_training_convolution_falls_back_to_torch_where_winograd_does_not_apply(monkeypatch):
+    x, weight = torch.randn(1, 16, 16, 16, requires_grad=True), torch.randn(16, 16, 3, 3, requires_grad=True)
+    assert type(ops.conv2d_train(x, weight, None, 1).grad_fn).__name__ == "_WinogradConvBackward"
+    others = [ops.conv2d_train(x, torch.randn(16, 16, 5, 5), None, 2),  # 5x5
+              ops.conv2d_train(x, torch.randn(16, 16, 3, 3), None, 3),  # padding > r - 1
+              ops.conv2d_train(x[:, :8], torch.randn(16, 8, 3, 3), None, 1),  # 8 input channels
+              ops.conv2d_train(x.double(), weight.double(), None, 1)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        others.append(ops.conv2d_train(x, weight, None, 1))
+    with ops.portable():
+        others.append(ops.conv2d_train(x, weight, None, 1))
+    monkeypatch.setenv("PYAD_WINOGRAD", "0")
+    others.append(ops.conv2d_train(x, weight, None, 1))
+    assert all(type(o.grad_fn).__name__ != "_WinogradConvBackward" for o in others)
+
+
+def test_sequential_in_training_takes_winograd_under_autograd_and_matches_the_layers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4), torch.nn.ReLU(inplace=True), torch.nn.AvgPool2d(2),
+                              torch.nn.Conv2d(16, 24, 4, padding=2), torch.nn.ReLU(inplace=True),
+                              torch.nn.Conv2d(24, 32, 3), torch.nn.Conv2d(32, 8, 1))
+    x = torch.randn(2, 3, 40, 40)
+    got = ops.sequential(net, x, train=True)
+    got.square().sum().backward()
+    mine = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    want = net(x)
+    want.square().sum().backward()
+    assert _rel(got, want) < 2e-5
+    for g, p in zip(mine, net.parameters()):
+        assert _rel(g, p.grad) < 1e-4
+    seen, fn = set(), got.grad_fn  # the 4x4 and 3x3 layers ran through it
+    stack = [fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert sum(type(f).__name__ == "_WinogradConvBackward" for f in seen) == 2
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_winograd_convolution_equals_torch(backend, shape, monkeypatch):
     b, c, k, h, w, r, pad = shape
     torch.manual_seed(0)
@@ -107,6 +192,12 @@ def test_bad_arguments_name_the_argument():
         W.winograd_conv(x, u, 3, residual=torch.randn(1, 6, 7, 7))
     with pytest.raises(ValueError, match="^x:"):
         W.winograd_conv(torch.randn(1, 4, 1, 1), u, 3, padding=0)
+    with pytest.raises(ValueError, match="^dy:"):
+        W.winograd_weight_grad(x, torch.randn(1, 6, 7, 7), 3, 1)
+    with pytest.raises(ValueError, match="^x:"):
+        W.winograd_weight_grad(x.double(), torch.randn(1, 6, 8, 8), 3, 1)
+    with pytest.raises(ValueError, match="padding"):
+        W.winograd_weight_grad(x, torch.randn(1, 6, 8, 8), 3, 4)
 
 
 def test_conv_takes_winograd_for_dense_3x3_and_4x4_layers_outside_autograd_on_the_cpu_fast_path(monkeypatch):

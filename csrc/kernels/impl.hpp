@@ -880,6 +880,62 @@ static void winograd_output(const float* m, int64_t b, int64_t ho, int64_t wo, i
         wino_output<3>(m, g, k, t0, tc, bias, res, relu, out);
 }
 
+// A u for M values u[i * step] (A = the transpose of A^T) -> 6 values o[a * ostep]: the adjoint of
+// wino_at, for the weight gradient's output-gradient transform
+template <class R, int M>
+static inline void wino_a(const typename R::reg* u, int step, typename R::reg* o, int ostep) {
+    using reg = typename R::reg;
+    const reg u0 = u[0], u1 = u[step], u2 = u[2 * step], u3 = M == 4 ? u[3 * step] : R::zero();
+    const reg p = R::add(u0, u2), q = R::add(u1, u3);
+    const reg p4 = R::fma(R::set1(4.0f), u2, u0), q8 = R::fma(R::set1(8.0f), u3, R::add(u1, u1));
+    o[0] = u0;
+    o[ostep] = R::add(p, q);
+    o[2 * ostep] = R::sub(p, q);
+    o[3 * ostep] = R::add(p4, q8);
+    o[4 * ostep] = R::sub(p4, q8);
+    o[5 * ostep] = M == 4 ? u3 : u2;
+}
+
+template <class R, int M>
+static inline void wino_out_grad_tile(const float* dy, const WinoGeometry& g, int64_t k, int64_t n, int64_t y0,
+                                      int64_t x0, int64_t ch, float* out, int64_t ostride) {
+    using reg = typename R::reg;
+    reg u[M * M], t[6 * M], o[36];
+    for (int i = 0; i < M; ++i) {
+        const int64_t y = y0 + i;
+        for (int j = 0; j < M; ++j) {
+            const int64_t xx = x0 + j;
+            u[i * M + j] = (y < g.ho && xx < g.wo) ? R::load(dy + ((n * g.ho + y) * g.wo + xx) * k + ch) : R::zero();
+        }
+    }
+    for (int j = 0; j < M; ++j) wino_a<R, M>(u + j, M, t + j, M);          // columns: A dY -> t [6][M]
+    for (int a = 0; a < 6; ++a) wino_a<R, M>(t + a * M, 1, o + a * 6, 1);  // rows: (A dY) A^T -> o [6][6]
+    for (int e = 0; e < 36; ++e) R::store(out + e * ostride + ch, o[e]);
+}
+
+template <int M>
+static void wino_output_grad(const float* dy, const WinoGeometry& g, int64_t k, int64_t t0, int64_t tc, float* out) {
+    const int64_t ostride = tc * k;
+#pragma omp parallel for num_threads(pyad::num_threads()) schedule(static)
+    for (int64_t t = 0; t < tc; ++t) {
+        const int64_t tile = t0 + t, n = tile / (g.th * g.tw), q = tile % (g.th * g.tw);
+        const int64_t y0 = (q / g.tw) * M, x0 = (q % g.tw) * M;
+        float* ot = out + t * k;
+        int64_t ch = 0;
+        for (; ch + V::W <= k; ch += V::W) wino_out_grad_tile<V, M>(dy, g, k, n, y0, x0, ch, ot, ostride);
+        for (; ch < k; ++ch) wino_out_grad_tile<V1, M>(dy, g, k, n, y0, x0, ch, ot, ostride);
+    }
+}
+
+static void winograd_output_grad(const float* dy, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
+                                 int64_t tc, float* out) {
+    const WinoGeometry g = wino_geometry(b, 0, 0, ho, wo, r);
+    if (r == 3)
+        wino_output_grad<4>(dy, g, k, t0, tc, out);
+    else
+        wino_output_grad<3>(dy, g, k, t0, tc, out);
+}
+
 // ---------------------------------------------------------------------------
 // Exact k-nearest neighbours by blocks (pyad/kernels/knn.py). torch computes the GEMM
 // g = q b^T of one block of bank rows; this merges s = ||b||^2 - 2 q.b (the squared
@@ -957,7 +1013,7 @@ static const KernelTable table = {
     coreset_f32, coreset_f16, coreset_i8,
     patch_pool, channel_pool, patch_embed,
     gaussian_factor, gaussian_update,
-    winograd_input, winograd_output,
+    winograd_input, winograd_output, winograd_output_grad,
     knn_merge,
     stream_sum,
 };

@@ -60,6 +60,10 @@ struct KernelTable {
                            int64_t tc, float* v);
     void (*winograd_output)(const float* m, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
                             int64_t tc, const float* bias, const float* res, int relu, float* out);
+    // The output transform's adjoint (weight gradients): tiles [t0, t0 + tc) of dy [b, ho, wo, k] (zero
+    // beyond the output) -> out [36, tc, k], out[6a + c] = (A dY A^T)[a, c].
+    void (*winograd_output_grad)(const float* dy, int64_t b, int64_t ho, int64_t wo, int64_t k, int r, int64_t t0,
+                                 int64_t tc, float* out);
 
     // Per row i of g [n, m] (the products q_i . b_j of bank rows [offset, offset + m)):
     // merges s_j = norms[j] - 2 g[i, j] into best_d / best_i [n, k] (the k smallest so

@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import _progress
 from .. import training
-from ..ops import sequential, upsample
+from ..ops import conv2d_train, sequential, upsample
 from .base import register, stage
 from .settings import check
 from .trained import TrainedDetector
@@ -292,10 +292,9 @@ def student_halves(student: nn.Sequential, x: torch.Tensor, halves: list[slice])
     """``student(x[i:i+1])[:, halves[i]]`` for each image of x: the shared layers run
     once on the whole batch and the last layer computes only the channels each image's
     loss uses (for S that layer is half the student's work; the result is the same)."""
-    trunk = student[:-1](x)
+    trunk = sequential(student[:-1], x, train=True)
     last = student[-1]
-    return [F.conv2d(trunk[i : i + 1], last.weight[h], last.bias[h], last.stride, last.padding)
-            for i, h in enumerate(halves)]
+    return [conv2d_train(trunk[i : i + 1], last.weight[h], last.bias[h], last.padding[0]) for i, h in enumerate(halves)]
 
 
 def step_losses(student, ae, t_st, t_ae, x_st, x_ae, x_penalty=None, q: float = 0.999) -> dict[str, torch.Tensor]:
@@ -308,7 +307,7 @@ def step_losses(student, ae, t_st, t_ae, x_st, x_ae, x_penalty=None, q: float = 
     outs = student_halves(student, torch.cat(xs), halves)
     loss_hard = hard_loss((t_st - outs[0]) ** 2, q)
     loss_penalty = outs[2].square().mean() if x_penalty is not None else torch.zeros((), device=x_st.device)
-    ae_out = ae(x_ae)
+    ae_out = sequential(ae, x_ae, train=True)
     loss_ae = (t_ae - ae_out).square().mean()
     loss_stae = (ae_out - outs[1]).square().mean()
     total = loss_hard + loss_penalty + loss_ae + loss_stae

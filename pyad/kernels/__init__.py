@@ -17,7 +17,7 @@ from .coreset import greedy_coreset, random_projection
 from .gaussian import GaussianAccumulator, GaussianModel, gaussian_fit, mahalanobis
 from .knn import knn_search
 from .pooling import channel_pool, patch_embed, patch_pool
-from .winograd import winograd_conv, winograd_weights
+from .winograd import winograd_conv, winograd_weight_grad, winograd_weights
 
 __all__ = [
     "BACKENDS",
@@ -36,5 +36,6 @@ __all__ = [
     "set_num_threads",
     "use_backend",
     "winograd_conv",
+    "winograd_weight_grad",
     "winograd_weights",
 ]

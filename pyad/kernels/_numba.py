@@ -393,6 +393,48 @@ def winograd_output(m, kernel_size, t0, bias, residual, relu, out):
                      bias is not None, empty if residual is None else residual, residual is not None, bool(relu), out)
 
 
+@_jit
+def _a6(u, step, off, o, ostep, ooff, c, s):  # pragma: no cover - compiled
+    # A (the transpose of A^T) on s values u[off + i·step + ch] -> 6 values o[ooff + a·ostep + ch]
+    for ch in range(c):
+        u0, u1, u2 = u[off + ch], u[off + step + ch], u[off + 2 * step + ch]
+        u3 = u[off + 3 * step + ch] if s == 4 else np.float32(0.0)
+        p, q = u0 + u2, u1 + u3
+        p4, q8 = u0 + 4 * u2, 2 * u1 + 8 * u3
+        o[ooff + ch] = u0
+        o[ooff + ostep + ch] = p + q
+        o[ooff + 2 * ostep + ch] = p - q
+        o[ooff + 3 * ostep + ch] = p4 + q8
+        o[ooff + 4 * ostep + ch] = p4 - q8
+        o[ooff + 5 * ostep + ch] = u3 if s == 4 else u2
+
+
+@_pjit
+def _winograd_output_grad(dy, s, t0, out):  # pragma: no cover - compiled
+    b, ho, wo, k = dy.shape
+    tc = out.shape[1]
+    th, tw = (ho + s - 1) // s, (wo + s - 1) // s
+    for t in numba.prange(tc):
+        n, r = (t0 + t) // (th * tw), (t0 + t) % (th * tw)
+        y0, x0 = (r // tw) * s, (r % tw) * s
+        u = np.zeros(s * s * k, dtype=np.float32)
+        for i in range(min(s, ho - y0)):
+            for j in range(min(s, wo - x0)):
+                u[(i * s + j) * k:(i * s + j + 1) * k] = dy[n, y0 + i, x0 + j]
+        tmp = np.empty(6 * s * k, dtype=np.float32)  # [6][s]: A over the rows
+        o = np.empty(36 * k, dtype=np.float32)
+        for j in range(s):
+            _a6(u, s * k, j * k, tmp, s * k, j * k, k, s)
+        for a in range(6):
+            _a6(tmp, k, a * s * k, o, k, a * 6 * k, k, s)
+        for e in range(36):
+            out[e, t] = o[e * k:(e + 1) * k]
+
+
+def winograd_output_grad(dy, kernel_size, t0, out):
+    _winograd_output_grad(dy, 7 - kernel_size, t0, out)
+
+
 @_pjit
 def knn_merge(g, norms, offset, dist, idx):  # pragma: no cover - compiled
     k = dist.shape[1]

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["mahalanobis", "greedy_coreset", "patch_pool", "channel_pool", "patch_embed", "winograd_input",
-           "winograd_output", "knn_merge"]
+           "winograd_output", "winograd_output_grad", "knn_merge"]
 
 
 def mahalanobis(x: np.ndarray, mean: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -169,6 +169,20 @@ def winograd_output(m: np.ndarray, kernel_size: int, t0: int, bias, residual, re
         if residual is not None:
             tile = tile + residual[n, ys, xs]
         out[n, ys, xs] = np.maximum(tile, 0.0) if relu else tile
+
+
+def winograd_output_grad(dy: np.ndarray, kernel_size: int, t0: int, out: np.ndarray) -> None:
+    """The adjoint of the output transform (for the weight gradient): ``dy`` [B, Ho, Wo, K]
+    float32 (the gradient of the convolution's output), tiles [t0, t0 + T) -> ``out``
+    [36, T, K], out[6a + c, t] = (A dY_t A^T)[a, c] with dY_t the tile's m x m window of dy
+    (rows m·ty .. m·ty + m - 1, zeros beyond the output)."""
+    b, ho, wo, k = dy.shape
+    at, s = WINOGRAD_AT[kernel_size], 7 - kernel_size
+    _, th, tw = winograd_tiles(b, ho, wo, kernel_size)
+    dp = np.zeros((b, s * th, s * tw, k))
+    dp[:, :ho, :wo] = dy
+    tiles = dp.reshape(b, th, s, tw, s, k).transpose(0, 1, 3, 2, 4, 5).reshape(-1, s, s, k)[t0:t0 + out.shape[1]]
+    out[:] = np.einsum("ia,tijk,jc->actk", at, tiles, at).reshape(36, -1, k)
 
 
 def knn_merge(g: np.ndarray, norms: np.ndarray, offset: int, dist: np.ndarray, idx: np.ndarray) -> None:

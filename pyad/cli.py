@@ -548,6 +548,7 @@ def _kernels(args) -> int:
         "patch_pool    4x256x28x28": lambda: K.patch_pool(fmap),
         "patch_embed   4x256x28x28 -> 1024": lambda: K.patch_embed(fmap, 1024),
         "winograd_conv 3x3 4x128x28x28 -> 128": lambda: K.winograd_conv(conv_x, conv_u).numpy(),
+        "winograd_weight_grad 3x3 4x128x28x28": lambda: K.winograd_weight_grad(conv_x, conv_x, 3, 1).numpy(),
         "knn_search    1024 in 20000x128, k=9": lambda: K.knn_search(bank[:1024], bank, 9)[0],
     }
     backends = ["numpy"]

@@ -382,6 +382,45 @@ static void test_winograd(const KernelTable& t, std::mt19937& gen) {
                         }
             expect_close(std::string(t.isa) + " winograd r " + std::to_string(r) + " pad " + std::to_string(pad), out,
                          want, 1e-4, 1e-4);
+
+            // the weight gradient through the output transform's adjoint: dU = sum_t V^T (A dY A^T),
+            // dw = G^T dU G, against the direct correlation of x with dy
+            std::vector<float> dy(b * ho * wo * k);
+            for (auto& v : dy) v = nd(gen);
+            std::vector<double> du(36 * c * k, 0.0);
+            for (int64_t t0 : {int64_t(0), split}) {
+                const int64_t tc = t0 == 0 ? split : tiles - split;
+                std::vector<float> v(36 * tc * c), dm(36 * tc * k);
+                t.winograd_input(x.data(), b, h, w, c, r, pad, t0, tc, v.data());
+                t.winograd_output_grad(dy.data(), b, ho, wo, k, r, t0, tc, dm.data());
+                for (int e = 0; e < 36; ++e)
+                    for (int64_t q = 0; q < tc; ++q)
+                        for (int64_t ci = 0; ci < c; ++ci)
+                            for (int64_t co = 0; co < k; ++co)
+                                du[(e * c + ci) * k + co] += double(v[(e * tc + q) * c + ci]) * dm[(e * tc + q) * k + co];
+            }
+            std::vector<float> dw(k * c * r * r);
+            std::vector<double> dw_want(k * c * r * r, 0.0);
+            for (int64_t co = 0; co < k; ++co)
+                for (int64_t ci = 0; ci < c; ++ci)
+                    for (int a = 0; a < r; ++a)
+                        for (int e = 0; e < r; ++e) {
+                            double s = 0.0;
+                            for (int i = 0; i < 6; ++i)
+                                for (int j = 0; j < 6; ++j) s += G[i][a] * G[j][e] * du[((i * 6 + j) * c + ci) * k + co];
+                            dw[((co * c + ci) * r + a) * r + e] = float(s);
+                            double d = 0.0;
+                            for (int64_t n = 0; n < b; ++n)
+                                for (int64_t y = 0; y < ho; ++y)
+                                    for (int64_t xx = 0; xx < wo; ++xx) {
+                                        const int64_t yy = y + a - pad, xi = xx + e - pad;
+                                        if (yy < 0 || yy >= h || xi < 0 || xi >= w) continue;
+                                        d += double(dy[((n * ho + y) * wo + xx) * k + co]) * x[((n * h + yy) * w + xi) * c + ci];
+                                    }
+                            dw_want[((co * c + ci) * r + a) * r + e] = d;
+                        }
+            expect_close(std::string(t.isa) + " winograd weight gradient r " + std::to_string(r) + " pad " +
+                         std::to_string(pad), dw, dw_want, 1e-4, 1e-4);
         }
     }
 }

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import training
+from ..ops import sequential
 from .ast import AST, FlowTeacher, Student, teacher_epoch
 from .base import register, stage
 from .frozen import FrozenFeatureDetector
@@ -422,7 +423,7 @@ class EfficientADAST(TrainedDetector, FrozenFeatureDetector):
                     with run.autocast():
                         cond = pe.expand(len(f), -1, -1, -1)
                         inp = torch.cat([cond, f], 1)
-                        s, a = student(inp), ae(inp)
+                        s, a = student(inp), sequential(ae, inp, train=True)  # Winograd under autograd
                         s_p = student(torch.cat([pe.expand(len(p), -1, -1, -1), p], 1)) if p is not None else None
                         losses = hybrid_losses(targets[i], s.float(), a.float(),
                                                None if s_p is None else s_p.float())

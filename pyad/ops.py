@@ -379,7 +379,6 @@ class _WinogradConv(torch.autograd.Function):
 
         x, weight = ctx.saved_tensors
         r, p = weight.shape[-1], ctx.padding
-        dy = dy.float()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             flipped = weight.detach().flip(2, 3).transpose(0, 1)
@@ -397,7 +396,8 @@ def conv2d_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     path, float32 and outside autocast, a 3x3 or 4x4 kernel (``_winograd_shape_ok``) runs forward
     and backward by Winograd (``_WinogradConv``); the weight gradient is the costly part of a
     training step and torch 2.13's oneDNN computes it at a third of its forward's speed on AVX2
-    (EfficientAD-S's 128->256 4x4 layer: 898 ms against 213 ms, batch 3, 2 threads). Rounding
+    (EfficientAD-S's 128->256 4x4 layer at batch 3, forward and backward: 1,605 ms against 532,
+    ``bench/winograd_training.py``). Rounding
     differs from the direct convolution by about 1e-5 of the scale. Elsewhere, F.conv2d."""
     if (fast_path(x) and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and _winograd_shape_ok(weight.shape, padding, x)):

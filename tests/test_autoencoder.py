@@ -53,6 +53,33 @@ def test_network_at_256_px():
     assert code.shape == (1, 128, 32, 32) and out.shape == (1, 1, 256, 256)
 
 
+def test_training_forward_is_the_network_with_winograd_layers(monkeypatch):
+    # forward_train: the same function and gradients, its dense 3x3 layers through conv2d_train.
+    # The gradients are compared with average pools in place of the max pools: a 2x2 window of
+    # ReLU zeros is a tie that 1e-7 differences in rounding break either way, moving that
+    # window's gradient (measured: 4e-4 of the encoder's gradient scale with max pools; with
+    # average pools both paths are within 5e-6 of float64)
+    from pyad import ops
+
+    torch.manual_seed(0)
+    net, x = A.ConvAutoEncoder(1), torch.rand(2, 1, 128, 128)
+    torch.testing.assert_close(net.forward_train(x), net(x), rtol=0, atol=1e-5)
+    for i, m in enumerate(net.encoder):
+        if isinstance(m, torch.nn.MaxPool2d):
+            net.encoder[i] = torch.nn.AvgPool2d(2)
+    taken = []
+    real = ops.conv2d_train
+    monkeypatch.setattr(ops, "conv2d_train", lambda *a: taken.append(a[1].shape) or real(*a))
+    grads = []
+    for f in (net.forward, net.forward_train):
+        net.zero_grad()
+        F.mse_loss(f(x), x).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert len(taken) == 5  # all but the 1 -> 32 and 32 -> 1 layers (fewer than 16 channels)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * b.abs().max().item())
+
+
 def test_grey_is_itu_601_luma_as_pil():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)

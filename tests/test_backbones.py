@@ -128,3 +128,25 @@ def test_checkpoint_of_another_architecture_names_the_right_backbone(tmp_path):
         Backbone("wide_resnet50_2", ("layer2",), path)
     net = Backbone("resnet18", ("layer2",), path)  # a truncated network takes what it needs
     assert net.weights_id.startswith("sha256:") and net.weights_source == str(path.resolve())
+
+
+def test_micro_batches_scale_with_the_image_and_split_evenly(monkeypatch):
+    # 4 images at 256 px and above; smaller images as many as hold 4 x 256^2 px
+    from pyad import backbones
+
+    assert [backbones._micro_batch(torch.zeros(1, 3, s, s)) for s in (512, 256, 128, 33)] == [4, 4, 16, 240]
+    net = Backbone("resnet18", ("layer1", "layer2"), None).frozen()
+    x = torch.rand(10, 3, 64, 64)
+    calls = []
+    real = net._run
+    monkeypatch.setattr(net, "_run", lambda v: calls.append(len(v)) or real(v))
+    monkeypatch.setattr(backbones, "MICRO_BATCH", 1)  # 1 x 256^2 px: 16 images of 64 px
+    with torch.no_grad():
+        whole = {k: v.contiguous() for k, v in real(x).items()}
+        parts = net._taps(x)
+        assert calls == [10] and all(torch.equal(parts[k], whole[k]) for k in whole)  # 10 <= 16: whole
+        monkeypatch.setattr(backbones, "MICRO_BATCH_PIXELS", 64 * 64 * 3)  # 3 images: 4 parts of 2-3
+        parts = net._taps(x)
+    assert calls == [10, 2, 3, 2, 3]
+    for k in whole:
+        torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=1e-5)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import training
-from ..ops import gaussian_blur
+from ..ops import gaussian_blur, sequential
 from .base import register, stage
 from .settings import check
 from .trained import TrainedDetector
@@ -46,6 +46,11 @@ class ConvAutoEncoder(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+    def forward_train(self, x):
+        """The same function for training: its dense 3x3 layers forward and backward by
+        Winograd on the CPU (``ops.sequential(train=True)``)."""
+        return sequential(self.decoder, sequential(self.encoder, x, train=True), train=True)
 
 
 def to_grey(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,7 @@ class AutoEncoder(TrainedDetector):
                 if self.augment:
                     x = augment(x, gen)
                 with run.autocast():
-                    loss = F.mse_loss(ae(x), x)
+                    loss = F.mse_loss(ae.forward_train(x), x)
                 run.backward(loss)
                 run.log(loss=loss)
             if len(val):

@@ -124,7 +124,18 @@ def test_first_training_step_is_the_formula(data):
         x = to_grey(det.preprocessing.to_tensor(list(train[idx])))
         recon, mu, logvar = net(x, sample=True)
     want = V.vae_loss(recon, x, mu, logvar, 1.0, "bce").item()
-    assert det.history_[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert det.history_[0]["loss"] == pytest.approx(want, rel=1e-5)  # (trained channels-last, checked here in NCHW)
+    # the fitted network is back in the default layout (stored and run as such)
+    assert all(t.is_contiguous() for t in det.networks_["vae"].state_dict().values())
+
+
+def test_training_runs_channels_last_on_the_cpu(data, monkeypatch):
+    seen = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward",
+                        lambda self, x, w, b: seen.append(w.is_contiguous(memory_format=torch.channels_last)) or real(self, x, w, b))
+    pyad.VAE(**{**TINY, "max_steps": 1, "validation": 0.0}).fit(data[0])
+    assert seen and all(seen)
 
 
 def test_inference_uses_mu_and_is_deterministic(fitted, data):

@@ -36,6 +36,7 @@ def test_defaults_follow_the_source():
     assert (p["image_size"], p["batch_size"], p["max_epochs"], p["lr"], p["grey"], p["augment"]) == (
         256, 16, 100, 1e-4, True, True)
     assert p["validation"] == 0.1 and p["early_stopping_patience"] == 10
+    assert p["score"] == "mean"  # the image MSE (the seed; chosen on validation anomalies, the detector's page)
 
 
 def test_network_at_256_px():

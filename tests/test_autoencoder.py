@@ -153,6 +153,17 @@ def test_resume_from_a_checkpoint_reaches_the_same_state(data, tmp_path):
     np.testing.assert_array_equal(resumed.predict(test).scores, straight.predict(test).scores)
 
 
+def test_scoring_parameters_do_not_block_resuming(data, tmp_path):
+    train, test = data
+    ckpt = tmp_path / "a.ckpt"
+    a = pyad.AutoEncoder(**{**TINY, "score": "topk"}).fit(train, checkpoint=ckpt)
+    b = pyad.AutoEncoder(**{**TINY, "score": "mean", "blur_sigma": 0.0}).fit(train, checkpoint=ckpt)  # no training
+    for k, v in a.networks_["ae"].state_dict().items():
+        assert torch.equal(b.networks_["ae"].state_dict()[k], v)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        pyad.AutoEncoder(**{**TINY, "grey": False}).fit(train, checkpoint=ckpt)
+
+
 def test_thresholds_come_from_the_validation_images(fitted, data):
     _, val, _ = fitted._split_validation(imgs.as_items(data[0]), None, None)
     pred = fitted.predict(val, maps="low")

@@ -129,6 +129,11 @@ class AutoEncoder(TrainedDetector):
     def _normalisation(self):
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # input in [0, 1], as the source
 
+    def run_settings(self) -> dict:
+        """The scoring parameters do not touch training: a checkpoint resumes across them
+        (a checkpoint of the earlier default ``score="topk"`` resumes under today's)."""
+        return {k: v for k, v in super().run_settings().items() if k not in ("score", "topk", "blur_sigma")}
+
     def _networks(self):
         return {"ae": ConvAutoEncoder(1 if self.grey else 3)}
 

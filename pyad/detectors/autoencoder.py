@@ -108,6 +108,8 @@ class AutoEncoder(TrainedDetector):
     """
 
     defaults = dict(max_epochs=100, lr=1e-4, batch_size=16, early_stopping_patience=10)
+    # a checkpoint resumes across the scoring parameters (also one of the earlier default score="topk")
+    resume_across = frozenset({"score", "topk", "blur_sigma"})
 
     def __init__(self, *, grey=True, score="mean", topk=0.01, augment=True, blur_sigma=4.0, **common):
         super().__init__(**common)
@@ -128,11 +130,6 @@ class AutoEncoder(TrainedDetector):
 
     def _normalisation(self):
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # input in [0, 1], as the source
-
-    def run_settings(self) -> dict:
-        """The scoring parameters do not touch training: a checkpoint resumes across them
-        (a checkpoint of the earlier default ``score="topk"`` resumes under today's)."""
-        return {k: v for k, v in super().run_settings().items() if k not in ("score", "topk", "blur_sigma")}
 
     def _networks(self):
         return {"ae": ConvAutoEncoder(1 if self.grey else 3)}

@@ -224,6 +224,9 @@ class SimpleNet(TrainedDetector, FrozenFeatureDetector):
     groups = (BackboneSettings, Preprocessing, Runtime, Thresholds, Training)
     defaults = dict(backbone="wide_resnet50_2", layers=("layer2", "layer3"), image_size=329, crop_size=288,
                     batch_size=8, max_epochs=160, lr=1e-4)
+    # the evaluations on synthetic anomalies do not change the training trajectory (tested),
+    # so a select="synthetic" run's checkpoint also gives its last pass (select="last")
+    resume_across = frozenset({"select", "select_every"})
 
     def __init__(self, *, embed_dim=1536, target_dim=1536, patch_size=3, adaptor_layers=1, dsc_layers=2,
                  dsc_hidden=1024, noise_std=0.015, margin=0.5, dsc_lr=2e-4, adaptor_weight_decay=0.01,
@@ -285,12 +288,6 @@ class SimpleNet(TrainedDetector, FrozenFeatureDetector):
         return SimpleNetModule(self._embedder(self._network()), self._head(self.networks_))
 
     # -- training -------------------------------------------------------------------------------------
-    def run_settings(self) -> dict:
-        """As the family's, less ``select`` / ``select_every``: the evaluations on
-        synthetic anomalies do not change the training trajectory (tested), so a
-        select="synthetic" run's checkpoint also gives its last pass (select="last")."""
-        return {k: v for k, v in super().run_settings().items() if k not in ("select", "select_every")}
-
     def _features(self, embed: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Patch features of uint8 images [N, S, S, 3], once: [N, H, W, d] float32."""
         out = None

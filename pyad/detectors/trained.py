@@ -10,6 +10,8 @@ with the model, and the common training parameters (``settings.Training``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,6 +24,8 @@ from .settings import Preprocessing, Runtime, Thresholds, Training
 
 class TrainedDetector(Detector):
     groups = (Preprocessing, Runtime, Thresholds, Training)
+    # parameters that do not touch training: a checkpoint resumes across them
+    resume_across: ClassVar[frozenset] = frozenset()
 
     # -- subclass contract ---------------------------------------------------------------------------------
     def _networks(self) -> dict[str, nn.Module]:
@@ -58,8 +62,9 @@ class TrainedDetector(Detector):
 
     def run_settings(self) -> dict:
         """What a checkpoint must match to be resumed: every parameter except the
-        runtime ones and the budget (a finished run may be continued with more)."""
-        skip = self.runtime_params | {"max_epochs", "max_steps", "early_stopping_patience"}
+        runtime ones, the budget (a finished run may be continued with more) and
+        ``resume_across`` (those that do not touch training, e.g. the image score)."""
+        skip = self.runtime_params | self.resume_across | {"max_epochs", "max_steps", "early_stopping_patience"}
         return {k: v for k, v in self.get_params().items() if k not in skip}
 
     def load_images(self, items: list, what: str = "images") -> torch.Tensor:

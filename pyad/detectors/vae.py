@@ -155,6 +155,7 @@ class VAE(TrainedDetector):
     """
 
     defaults = dict(max_epochs=100, lr=1e-4, batch_size=16, early_stopping_patience=10)
+    resume_across = frozenset({"score", "topk", "blur_sigma"})  # scoring only
 
     def __init__(self, *, grey=True, latent_dim=128, widths=(32, 64, 64, 64), beta=1.0, reconstruction="bce",
                  score="topk", topk=0.05, blur_sigma=4.0, plateau_patience=5, plateau_factor=0.5, bn_momentum=0.1,
@@ -194,10 +195,6 @@ class VAE(TrainedDetector):
 
     def _normalisation(self):
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # input in [0, 1] (sigmoid output, BCE target)
-
-    def run_settings(self) -> dict:
-        """The scoring parameters do not touch training: a checkpoint resumes across them."""
-        return {k: v for k, v in super().run_settings().items() if k not in ("score", "topk", "blur_sigma")}
 
     def _networks(self):
         return {"vae": VAENet(1 if self.grey else 3, self.preprocessing.size, self.widths, self.latent_dim,

@@ -877,7 +877,7 @@ def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, me
         with _quiet():
             quantize_static(pre_path, out, _Reader(pre, sample), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                            calibrate_method=calib, **_calibration_scope(pre_model, nodes, method),
+                            calibrate_method=calib, **_calibration_scope(pre_model, nodes),
                             # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 pairs with
                             # pmaddubsw, whose int16 sums saturate at 8-bit weights (ONNX Runtime's
                             # quantization guide); on this AVX2 machine the tiny AST lost its defect
@@ -888,9 +888,9 @@ def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, me
     return q, nodes, parts
 
 
-def _calibration_scope(model, nodes: list[str], method: str) -> dict:
+def _calibration_scope(model, nodes: list[str]) -> dict:
     """What ONNX Runtime's calibrator records, kept to what the quantised nodes need:
-    by default it records every float tensor of every quantisable op type (SPADE's
+    by default it reduces every float tensor of every quantisable op type (SPADE's
     in-graph search: 50 gallery images x [4,096 x 4,096] distances per image). Only
     the chosen nodes' op types are recorded; the set of quantised nodes is unchanged
     (the intersection with ``nodes_to_quantize``), and so are their ranges (tested)."""

@@ -303,21 +303,20 @@ def test_int8_every_detector(pair, data, tmp_path):
 
 @pytest.mark.parametrize("name", ["spade", "efficientad", "ganomaly"])
 def test_int8_calibration_records_only_what_it_quantises(pairs, data, name, monkeypatch):
-    """Calibration records the quantised nodes' op types only, ranges merged every
-    image (SPADE's in-graph search otherwise filled 24 GB on bottle): the same int8
-    model as ONNX Runtime's record-everything calibration, and no search tensor seen."""
+    """Calibration records the quantised nodes' op types only (not SPADE's in-graph
+    search): the same int8 model as ONNX Runtime's record-everything calibration."""
     _, onnx_det = pairs(name)
     scope = E._calibration_scope
     recorded = []
 
-    def spy(model, nodes, method):
-        out = scope(model, nodes, method)
+    def spy(model, nodes):
+        out = scope(model, nodes)
         recorded.append(out["op_types_to_quantize"])
         return out
 
     monkeypatch.setattr(E, "_calibration_scope", spy)
     ours = onnx.load_from_string(onnx_det.quantize(data[0], max_images=6).model_bytes())
-    monkeypatch.setattr(E, "_calibration_scope", lambda model, nodes, method: {})
+    monkeypatch.setattr(E, "_calibration_scope", lambda model, nodes: {})
     everything = onnx.load_from_string(onnx_det.quantize(data[0], max_images=6).model_bytes())
     assert recorded and "MatMul" not in recorded[0]  # the search's and the heads' matmuls stay unrecorded
     if name == "spade":

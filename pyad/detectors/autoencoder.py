@@ -10,8 +10,8 @@ augmentation ±10° rotation, ±10% shifts, horizontal flips (p = 0.5).
 
 Map: per-pixel squared error (mean over channels), optionally blurred. Image
 score: ``score="mean"`` (the image MSE: the seed's reading, and the variant that
-separates synthetic anomalies on the normal validation images best after 79 epochs
-on bottle, docs/detectors/autoencoder.md) or "topk" (mean of the top ``topk`` share
+separates synthetic anomalies on the normal validation images best after 79 and
+100 epochs on bottle, docs/detectors/autoencoder.md) or "topk" (mean of the top ``topk`` share
 of the map). Training stops early on the validation reconstruction loss
 (normal images only; patience 10) and keeps the best epoch's weights. The source's
 "optimal threshold" was chosen on test data; pyad's comes from validation images.

@@ -1,6 +1,7 @@
-// Kernel tests for aarch64, run under qemu-aarch64 by tests/arm/run.sh.
-// Every kernel runs on the NEON and the scalar tables and is compared to a
-// naive double-precision implementation written here, independent of impl.hpp.
+// Kernel tests for aarch64, run under qemu-aarch64 by tests/arm/run.sh, and for x86
+// with AVX-512 emulated by tests/avx512/run.sh. Every kernel runs on each ISA table
+// named on the command line (default: neon scalar) and is compared to a naive
+// double-precision implementation written here, independent of impl.hpp.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -464,15 +465,30 @@ static void test_knn_merge(const KernelTable& t, std::mt19937& gen) {
     }
 }
 
-int main() {
+#ifdef PYAD_TEST_EMULATED_AVX512
+namespace pyad { const KernelTable* table_avx512(); }
+#endif
+
+// The table an ISA name stands for. The dispatcher refuses ISAs the CPU lacks; the
+// emulated AVX-512 build (tests/avx512/run.sh) takes its table directly.
+static const KernelTable& table_for(const std::string& isa) {
+#ifdef PYAD_TEST_EMULATED_AVX512
+    if (isa == "avx512") return *pyad::table_avx512();
+#endif
+    pyad::select_isa(isa);
+    return pyad::active();
+}
+
+int main(int argc, char** argv) {
+    std::vector<std::string> isas(argv + 1, argv + argc);
+    if (isas.empty()) isas = {"neon", "scalar"};
     std::printf("compiled ISAs:");
     for (auto& s : pyad::compiled_isas()) std::printf(" %s", s.c_str());
     std::printf("\nsupported ISAs:");
     for (auto& s : pyad::supported_isas()) std::printf(" %s", s.c_str());
     std::printf("\nthreads: %d\n", pyad::num_threads());
-    for (const char* isa : {"neon", "scalar"}) {
-        pyad::select_isa(isa);
-        const KernelTable& t = pyad::active();
+    for (const std::string& isa : isas) {
+        const KernelTable& t = table_for(isa);
         std::mt19937 gen(7);
         const int before = g_checks;
         test_mahalanobis(t, gen);

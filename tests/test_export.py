@@ -161,6 +161,12 @@ def test_save_load_and_stage_times(pairs, data, tmp_path):
     fp = back.footprint()
     assert fp["state"]["memory_bank"] == list(det.memory_bank_.shape)
     assert fp["weights_bytes_per_stage"]["search"] >= det.memory_bank_.nbytes
+    # no session's pool threads spin after a run: torch pre- and post-processes on the same
+    # cores and the stages run one session after another (export._session_options)
+    runner = back.inference_module().session
+    sessions = [runner.session] + [sess for _, sess in runner.staged()]
+    assert all(sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+               for sess in sessions)
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])

@@ -29,6 +29,9 @@ the exporter) are quantised; everything else stays float32 — the
 nearest-neighbour search, Mahalanobis scoring, the Gaussian blur (a functional
 convolution), resizing, score reductions — and ``FLOAT_SCOPES`` lists, per
 detector, the learnt layers that stay float too (see ``quantized_parts``).
+Calibration runs only the quantised nodes and what feeds them (``_region``; the
+float rest is merged back unchanged): the search, scoring and maps are neither
+run nor recorded, which gives the same int8 model as calibrating the whole graph.
 
 The fit-once frozen-feature detectors (PatchCore, PaDiM, SPADE) measure distances
 between backbone features and a head learnt from float features; int8 features
@@ -435,8 +438,8 @@ def _session_options(threads: int | None):
     after each run by default; in pyad's process torch pre- and post-processes on
     the same cores, and per-stage timing runs one session per stage, so spinning
     threads starve whatever runs next. Measured 2026-12-03 (2-core AVX2 machine,
-    PatchCore MobileNetV2, batch 1): predict 389 -> 326 ms, the backbone stage
-    18.7 -> 7.9 ms, preprocessing 20 -> 0.5 ms (docs/deployment.md)."""
+    PatchCore MobileNetV2, batch 1, first rounds): predict 389 -> 326 ms, the
+    backbone stage 21.7 -> 7.9 ms, preprocessing 17.2 -> 0.5 ms (docs/deployment.md)."""
     import onnxruntime as ort
 
     opt = ort.SessionOptions()
@@ -883,9 +886,11 @@ def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, me
         if not nodes:
             raise ValueError(f"det: {detector} has no convolution or linear layer left to quantise "
                              f"(kept in float32: {FLOAT_SCOPES.get(detector, ()) + tuple(exclude)})")
-        onnx.save(pre_model, pre_path)
         calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
+        region = _region(pre_model, nodes)
+        sub = _sub_model(pre_model, region) if len(region) < len(pre_model.graph.node) else pre_model
+        onnx.save(sub, pre_path)
         with _quiet():
             quantize_static(pre_path, out, _Reader(pre, sample), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
@@ -896,8 +901,79 @@ def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, me
                             # ranking without it (tests/test_export.py::test_int8_every_detector)
                             reduce_range=True)
         q = onnx.load(out)
+    if sub is not pre_model:
+        q = _merge(pre_model, region, q)
     _carry_metadata(pre_model, q)
     return q, nodes, parts
+
+
+def _region(model, nodes: list[str]) -> set[str]:
+    """The nodes calibration has to run: the quantised ones and everything they depend
+    on. What only consumes their outputs (PatchCore's and SPADE's in-graph search,
+    Gaussian scoring, maps) stays float and is neither run nor recorded: SPADE's
+    calibration of the whole graph peaked at 16.9 GB (its search's distance buffers),
+    and every frozen-feature detector ran its search once per calibration image."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    keep, todo = set(), [by_name[n] for n in nodes]
+    while todo:
+        n = todo.pop()
+        if n.name in keep:
+            continue
+        keep.add(n.name)
+        todo += [producer[i] for i in _node_inputs(n) if i in producer and producer[i].name not in keep]
+    return keep
+
+
+def _sub_model(model, region: set[str]):
+    """The float model of ``region`` alone (ancestor-closed): graph inputs it reads in,
+    every tensor it makes that the rest of the graph or the graph's outputs read out."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    inside = [n for n in g.node if n.name in region]
+    made = {o for n in inside for o in n.output}
+    read_outside = {i for n in g.node if n.name not in region for i in _node_inputs(n)} | {o.name for o in g.output}
+    used = {i for n in inside for i in _node_inputs(n)}
+    types = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    outs = [types.get(o) or helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
+            for n in inside for o in n.output if o in read_outside]
+    graph = helper.make_graph(inside, f"{g.name}_quantised_region", [i for i in g.input if i.name in used], outs,
+                              initializer=[t for t in g.initializer if t.name in used],
+                              value_info=[v for v in g.value_info if v.name in made | used])
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    return sub
+
+
+def _merge(model, region: set[str], q):
+    """``model`` with its ``region`` replaced by the quantised region ``q``, whose
+    output tensors keep their names (ONNX Runtime's QDQ quantiser names a graph
+    output's DequantizeLinear output after it)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    rest = [n for n in model.graph.node if n.name not in region]
+    del g.node[:]
+    g.node.extend(list(q.graph.node) + rest)
+    have = {t.name for t in q.graph.initializer}
+    used = {i for n in rest for i in _node_inputs(n)}
+    inits = list(q.graph.initializer) + [t for t in model.graph.initializer if t.name in used and t.name not in have]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    named = {v.name for v in q.graph.value_info}
+    infos = list(q.graph.value_info) + [v for v in model.graph.value_info if v.name not in named]
+    del g.value_info[:]
+    g.value_info.extend(infos)
+    domains = {o.domain: o.version for o in model.opset_import}
+    for o in q.opset_import:
+        domains[o.domain] = max(domains.get(o.domain, 0), o.version)
+    del out.opset_import[:]
+    out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in domains.items())
+    return out
 
 
 def _calibration_scope(model, nodes: list[str]) -> dict:

@@ -307,38 +307,46 @@ def test_int8_every_detector(pair, data, tmp_path):
     np.testing.assert_array_equal(back.predict(data[1]).scores, got.scores)
 
 
-@pytest.mark.parametrize("name", ["spade", "efficientad", "ganomaly"])
-def test_int8_calibration_records_only_what_it_quantises(pairs, data, name, monkeypatch):
-    """Calibration records the quantised nodes' op types only (not SPADE's in-graph
-    search): the same int8 model as ONNX Runtime's record-everything calibration."""
+@pytest.mark.parametrize("name", ["spade", "patchcore", "efficientad", "ganomaly"])
+def test_int8_calibration_runs_only_what_it_quantises(pairs, data, name, monkeypatch):
+    """Calibration runs the quantised nodes and their inputs only (not SPADE's or
+    PatchCore's in-graph search, not the maps) and records the quantised op types only:
+    the same int8 model, and the same scores, as ONNX Runtime's calibration of the whole
+    graph recording everything."""
     _, onnx_det = pairs(name)
-    scope = E._calibration_scope
-    recorded = []
-
-    def spy(model, nodes):
-        out = scope(model, nodes)
-        recorded.append(out["op_types_to_quantize"])
-        return out
-
-    monkeypatch.setattr(E, "_calibration_scope", spy)
-    ours = onnx.load_from_string(onnx_det.quantize(data[0], max_images=6).model_bytes())
-    monkeypatch.setattr(E, "_calibration_scope", lambda model, nodes: {})
-    everything = onnx.load_from_string(onnx_det.quantize(data[0], max_images=6).model_bytes())
-    assert recorded and "MatMul" not in recorded[0]  # the search's and the heads' matmuls stay unrecorded
-    if name == "spade":
-        assert "MatMul" in {n.op_type for n in onnx.load_from_string(onnx_det.model_bytes()).graph.node}
+    float_model = onnx.load_from_string(onnx_det.model_bytes())
+    scope, region = E._calibration_scope, E._region
+    recorded, regions = [], []
+    monkeypatch.setattr(E, "_calibration_scope", lambda m, n: recorded.append(scope(m, n)) or recorded[-1])
+    monkeypatch.setattr(E, "_region", lambda m, n: regions.append(region(m, n)) or regions[-1])
+    ours_det = onnx_det.quantize(data[0], max_images=6)
+    ours = onnx.load_from_string(ours_det.model_bytes())
+    monkeypatch.setattr(E, "_calibration_scope", lambda m, n: {})
+    monkeypatch.setattr(E, "_region", lambda m, n: {x.name for x in m.graph.node})
+    whole_det = onnx_det.quantize(data[0], max_images=6)
+    everything = onnx.load_from_string(whole_det.model_bytes())
+    assert "MatMul" not in recorded[0]["op_types_to_quantize"]  # the search's and the heads' matmuls
+    stage = {n.name: next(p.value for p in n.metadata_props if p.key == "pyad.stage") for n in float_model.graph.node}
+    left_out = {stage[n] for n in stage if n not in regions[0]}
+    assert "map" in left_out and len(regions[0]) < len(stage)
+    if name in ("spade", "patchcore"):  # the nearest-neighbour search is not run
+        assert "search" in left_out and not any(stage[n] == "search" for n in regions[0])
 
     def qdq(model):
         init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-        return [(n.op_type, [init.get(i) for i in n.input[1:]]) for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        return {n.name: (n.op_type, [init.get(i) for i in n.input[1:]]) for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
 
     a, b = qdq(ours), qdq(everything)
-    assert len(a) == len(b) > 0
-    for (ta, pa), (tb, pb) in zip(a, b):
-        assert ta == tb
-        for x, y in zip(pa, pb):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert a[k][0] == b[k][0]
+        for x, y in zip(a[k][1], b[k][1]):
             np.testing.assert_array_equal(x, y)
+    assert sorted(n.op_type for n in ours.graph.node) == sorted(n.op_type for n in everything.graph.node)
+    got, want = ours_det.predict(data[1]), whole_det.predict(data[1])
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
 
 
 def test_int8_calibrates_on_the_given_images_only(pairs, data, monkeypatch):

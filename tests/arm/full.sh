@@ -40,7 +40,7 @@ qemu_cpu=${PYAD_ARM_CPU:-cortex-a72}
 SUBSET=(tests/test_gaussian.py tests/test_coreset.py tests/test_pooling.py tests/test_winograd.py tests/test_knn.py
         tests/test_backend.py tests/test_modelfile.py tests/test_images.py tests/arm/test_smoke.py)
 OPTIONAL=(tests/test_export.py)
-SELECT="not test_export or ((test_onnx_predict_equals_torch_predict or test_int8_every_detector) and (patchcore or padim or autoencoder))"
+SELECT=${PYAD_ARM_SELECT:-"not test_export or ((test_onnx_predict_equals_torch_predict or test_int8_every_detector) and (patchcore or padim or autoencoder))"}  # PYAD_ARM_SELECT: another pytest -k
 # PYAD_ARM_TESTS="tests/a.py tests/b.py": only these files (no optional ones), e.g. what a change touched
 if [ -n "${PYAD_ARM_TESTS:-}" ]; then read -ra SUBSET <<< "$PYAD_ARM_TESTS"; OPTIONAL=(); fi
 

@@ -888,21 +888,27 @@ def _quantize_model(model, detector: str, pre: imgs.Preprocess, sample: list, me
                              f"(kept in float32: {FLOAT_SCOPES.get(detector, ()) + tuple(exclude)})")
         calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
+
+        def quantise(m):
+            onnx.save(m, pre_path)
+            with _quiet():
+                quantize_static(pre_path, out, _Reader(pre, sample), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=calib,
+                                **_calibration_scope(pre_model, nodes),
+                                # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 pairs with
+                                # pmaddubsw, whose int16 sums saturate at 8-bit weights (ONNX Runtime's
+                                # quantization guide); on this AVX2 machine the tiny AST lost its defect
+                                # ranking without it (tests/test_export.py::test_int8_every_detector)
+                                reduce_range=True)
+            return onnx.load(out)
+
         region = _region(pre_model, nodes)
-        sub = _sub_model(pre_model, region) if len(region) < len(pre_model.graph.node) else pre_model
-        onnx.save(sub, pre_path)
-        with _quiet():
-            quantize_static(pre_path, out, _Reader(pre, sample), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                            calibrate_method=calib, **_calibration_scope(pre_model, nodes),
-                            # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 pairs with
-                            # pmaddubsw, whose int16 sums saturate at 8-bit weights (ONNX Runtime's
-                            # quantization guide); on this AVX2 machine the tiny AST lost its defect
-                            # ranking without it (tests/test_export.py::test_int8_every_detector)
-                            reduce_range=True)
-        q = onnx.load(out)
-    if sub is not pre_model:
-        q = _merge(pre_model, region, q)
+        q = None
+        if len(region) < len(pre_model.graph.node):
+            q = _merge(pre_model, region, quantise(_sub_model(pre_model, region)))
+        if q is None:  # the whole graph: nothing outside the region, or a quantiser that renamed its outputs
+            q = quantise(pre_model)
     _carry_metadata(pre_model, q)
     return q, nodes, parts
 
@@ -950,8 +956,17 @@ def _sub_model(model, region: set[str]):
 def _merge(model, region: set[str], q):
     """``model`` with its ``region`` replaced by the quantised region ``q``, whose
     output tensors keep their names (ONNX Runtime's QDQ quantiser names a graph
-    output's DequantizeLinear output after it)."""
+    output's DequantizeLinear output after it); None if a tensor the rest reads is
+    no longer made (a quantiser that renames them)."""
     import onnx
+
+    made = {o for n in q.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
+    made |= {i.name for i in model.graph.input}
+    rest_reads = {i for n in model.graph.node if n.name not in region for i in _node_inputs(n)}
+    rest_reads |= {o.name for o in model.graph.output}
+    rest_made = {o for n in model.graph.node if n.name not in region for o in n.output}
+    if not rest_reads - rest_made <= made:
+        return None
 
     out = onnx.ModelProto()
     out.CopyFrom(model)

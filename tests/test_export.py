@@ -349,6 +349,28 @@ def test_int8_calibration_runs_only_what_it_quantises(pairs, data, name, monkeyp
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
 
 
+def test_int8_region_merge_refuses_renamed_outputs(pairs, data, monkeypatch):
+    """The float rest is merged back only where the quantised region still makes every
+    tensor the rest reads; a quantiser that renamed one gets None (quantize then
+    calibrates the whole graph)."""
+    _, onnx_det = pairs("patchcore")
+    model = onnx.load_from_string(onnx_det.model_bytes())
+    nodes, _ = E.quantized_parts(model, "PatchCore")
+    region = E._region(model, nodes)
+    sub = E._sub_model(model, region)
+    merged = E._merge(model, region, sub)  # the float region merged back: the model again
+    assert merged is not None and len(merged.graph.node) == len(model.graph.node)
+    onnx.checker.check_model(merged)
+    name = sub.graph.output[0].name
+    for n in sub.graph.node:
+        n.output[:] = [o + "_renamed" if o == name else o for o in n.output]
+    assert E._merge(model, region, sub) is None
+    calls = []
+    monkeypatch.setattr(E, "_merge", lambda *a: calls.append(1))  # always refuses: the whole graph
+    q = onnx_det.quantize(data[0], max_images=4)
+    assert calls and q.precision_ == "int8" and np.isfinite(q.predict(data[1]).scores).all()
+
+
 def test_int8_calibrates_on_the_given_images_only(pairs, data, monkeypatch):
     """Calibration reads exactly the images passed (normal training images): a
     seeded sample of at most max_images, nothing else."""
